@@ -1,0 +1,87 @@
+"""Model names, and checks that a model can be loaded here, made before any model library is
+imported so that bad input is refused at once (and without loading torch in light tasks)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5, the paper's SD
+TINY = "tiny"  # random-weight models built from configs in code: tests and the offline demo
+
+
+class ModelNotFoundError(ValueError):
+    """A model name that is neither "tiny", a local folder nor a cached or reachable hub id."""
+
+
+def check_model_name(model: str) -> None:
+    """Fail early, in one line, if `model` cannot be loaded here (reads model_index.json only)."""
+    if model == TINY:
+        return
+    try:
+        with warnings.catch_warnings():  # diffusers passes a deprecated hf_hub_download argument
+            warnings.simplefilter("ignore")
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline.load_config(model, local_files_only=True)
+        return
+    except (OSError, ValueError):
+        pass
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(f"no diffusers model folder at {model!r} (one holding "
+                                 "model_index.json), and it is no hub id (owner/name)")
+    from huggingface_hub import model_info
+
+    try:  # one request: a hub id is fine if the hub has it (each worker downloads it then)
+        model_info(model, timeout=10)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: all mean "cannot load"
+        raise ModelNotFoundError(model_not_found(model, e)) from None
+
+
+def model_not_found(model: str, e: Exception) -> str:
+    return (f"model {model!r} is not in the local Hugging Face cache and the hub cannot serve it "
+            f"({str(e).splitlines()[0][:120]}); with no network, download it elsewhere "
+            "(`hf download MODEL --local-dir DIR`) and pass --model DIR")
+
+
+DETECTORS = ("torchvision", "tiny", "detectron2")
+ORACLES = ("union", "top1")
+TORCHVISION_WEIGHTS = "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"  # torchvision's COCO_V1 file
+DETECTRON2_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+
+
+class DetectorNotFoundError(ValueError):
+    """Detector weights or library that this machine does not have."""
+
+
+def torchvision_weights_path(weights: str | None) -> str:
+    """The Mask R-CNN v2 state-dict file: `weights`, or torchvision's cached download."""
+    if weights is None:
+        import torch
+
+        weights = os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_WEIGHTS)
+        hint = (f"pass --detector-weights FILE ({TORCHVISION_WEIGHTS}, torchvision's COCO "
+                "weights) or put that file in torchvision's cache")
+    else:
+        hint = "pass an existing file with --detector-weights"
+    if not os.path.isfile(weights):
+        raise DetectorNotFoundError(f"no Mask R-CNN weights at {weights!r}: {hint}")
+    return weights
+
+
+def check_detector(detector: str, weights: str | None) -> None:
+    """Fail early, in one line, if `detector` cannot be built here."""
+    if detector not in DETECTORS:
+        raise DetectorNotFoundError(f"unknown detector {detector!r}: one of {', '.join(DETECTORS)}")
+    if detector == "torchvision":
+        torchvision_weights_path(weights)
+    elif detector == "detectron2":
+        try:
+            import detectron2  # noqa: F401
+        except ImportError:
+            raise DetectorNotFoundError(
+                "detector 'detectron2' needs detectron2, which has no wheel: build it from "
+                "source (README, 'detectron2 backend') or use --detector torchvision") from None
+        if weights is None or not os.path.isfile(weights):
+            raise DetectorNotFoundError("detector 'detectron2' needs --detector-weights FILE "
+                                        "(model_final_f10217.pkl of mask_rcnn_R_50_FPN_3x)")

@@ -1,0 +1,118 @@
+"""Stable Diffusion by name or path, and the tiny random-weight SD that tests and demos use.
+
+`load_sd` is the one way every stage gets SD. A hub id or a local folder goes through diffusers'
+`from_pretrained`; `"tiny"` builds the same pipeline class from small configs (random weights,
+seeded, so it is identical on every machine). Either way the scheduler is swapped for DDIM (the
+paper's sampler) and the safety checker is left out (it blanks images; labels need the pixels).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from importlib import resources
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from actors.names import DEFAULT_MODEL, TINY, ModelNotFoundError, model_not_found
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """SD 1.x's tokenizer (OpenAI CLIP BPE, 49,408 tokens) from the vocabulary that ships inside
+    the open_clip_torch package, so tests tokenize class names exactly as SD does, offline."""
+    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    merges = gzip.decompress(bpe).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (the BPE's base alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def sd15_scheduler_config() -> dict:
+    """SD 1.x's noise schedule (from its scheduler_config.json)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_sd_components(seed: int = 0) -> dict:
+    """Random-weight SD with SD 1.x's block topology (four down blocks, the first three with
+    cross-attention, a mid block, four up blocks, so features come at four resolutions) at a
+    few channels each; 64x64 images (8x8 latents). Seeded without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=2,
+            norm_num_groups=4,
+        )
+        vae = AutoencoderKL(
+            sample_size=64,
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                scheduler=DDIMScheduler(**sd15_scheduler_config()))
+
+
+def load_sd(model: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+            dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """SD as a diffusers pipeline with a DDIM scheduler: `model` is "tiny", a hub id or a folder
+    holding a diffusers `save_pretrained` layout."""
+    if model == TINY:
+        pipe = StableDiffusionPipeline(**tiny_sd_components(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                model, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(model_not_found(model, e)) from None
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if pipe.unet.dtype != dtype:  # the tiny model is built in float32
+        pipe.to(dtype=dtype)
+    return pipe

@@ -1,0 +1,133 @@
+"""Sample specs: what each sample of a run is, as a pure function of its index.
+
+A run is (split, fold, subset, run seed, pairs); sample i's classes, prompt and noise seed depend
+on those and on i alone, never on shard size, batch size or processing order. That makes shards
+independent and resume exact.
+
+- subset `train` (paper sec. 5.1, appendix C.1 "mixture"): one seen class, or with probability
+  `two_class_ratio` a co-appearing pair of seen classes.
+- subset `test` (appendix B.2): every class of the split, 30 samples each, plus a few per
+  co-appearing pair (5 for PASCAL, 2 for COCO). These "slots" are shuffled once by the run seed,
+  so any prefix of the run is a fair sample of them; indices past the last slot wrap around
+  with fresh noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from factory.vocab import Split
+
+SUBSETS = ("train", "test")
+TEMPLATE_ONE = "a photograph of a {}"
+TEMPLATE_TWO = "a photograph of a {} and a {}"
+TEST_PER_CLASS = 30
+TEST_PER_PAIR = {"pascal": 5, "coco": 2}
+PAPER_PAIR_COUNTS = {"pascal": 142, "coco": 1559}  # co-appearing pairs in VOC / COCO (app. B.2)
+UNIFORM = "uniform"  # pairs source when no pairs file is given
+
+
+def prompt_for(classes: tuple[str, ...]) -> str:
+    if len(classes) == 1:
+        return TEMPLATE_ONE.format(*classes)
+    if len(classes) == 2:
+        return TEMPLATE_TWO.format(*classes)
+    raise ValueError(f"a prompt names one or two classes, got {classes}")
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    index: int
+    classes: tuple[str, ...]
+    prompt: str
+    noise_seed: int  # seeds the initial latent noise (torch.Generator on the CPU)
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Everything that decides a run's samples. `pairs` are co-appearing class pairs in the
+    split's spelling; None means the uniform fallback (any two distinct classes)."""
+
+    split: Split
+    subset: str
+    seed: int
+    pairs: tuple[tuple[str, str], ...] | None = None
+    two_class_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.subset not in SUBSETS:
+            raise ValueError(f"unknown subset {self.subset!r}: choose one of {', '.join(SUBSETS)}")
+        if not 0.0 <= self.two_class_ratio <= 1.0:
+            raise ValueError(f"two-class ratio must lie in [0, 1], got {self.two_class_ratio}")
+        if self.pairs is not None:
+            unknown = sorted({c for p in self.pairs for c in p} - set(self.split.vocab.names))
+            if unknown:
+                raise ValueError(f"pairs name classes that split {self.split.name!r} lacks: "
+                                 f"{', '.join(unknown)}")
+            if self.subset == "train" and self.two_class_ratio > 0 and not self.train_pairs:
+                raise ValueError("no pair in the pairs file has two seen classes of "
+                                 f"{self.split.name} fold {self.split.fold}")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The classes this subset draws from: seen ones for train, all for test."""
+        return self.split.seen if self.subset == "train" else self.split.vocab.names
+
+    @property
+    def pairs_source(self) -> str:
+        return UNIFORM if self.pairs is None else "file"
+
+    @cached_property
+    def train_pairs(self) -> tuple[tuple[str, str], ...]:
+        seen = set(self.split.seen)
+        return tuple(p for p in self.pairs or () if p[0] in seen and p[1] in seen)
+
+    @cached_property
+    def test_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The file's pairs, or as many uniformly drawn pairs as the paper's annotations have."""
+        if self.pairs is not None:
+            return self.pairs
+        every = list(itertools.combinations(self.classes, 2))
+        k = min(PAPER_PAIR_COUNTS[self.split.name], len(every))
+        pick = self._rng("test-pairs").choice(len(every), size=k, replace=False)
+        return tuple(every[i] for i in sorted(pick))
+
+    @cached_property
+    def test_slots(self) -> tuple[tuple[str, ...], ...]:
+        per_pair = TEST_PER_PAIR[self.split.name]
+        slots = [(c,) for c in self.classes for _ in range(TEST_PER_CLASS)]
+        slots += [p for p in self.test_pairs for _ in range(per_pair)]
+        order = self._rng("test-slots").permutation(len(slots))
+        return tuple(slots[i] for i in order)
+
+    def default_n(self) -> int | None:
+        """The paper's test-set size (appendix B.2) for subset test; train has none."""
+        return len(self.test_slots) if self.subset == "test" else None
+
+    def _rng(self, *tags: str | int) -> np.random.Generator:
+        run = f"{self.split.name}/{self.split.fold}/{self.subset}"
+        words = [self.seed, zlib.crc32(run.encode())]
+        words += [zlib.crc32(t.encode()) if isinstance(t, str) else t for t in tags]
+        return np.random.default_rng(np.random.SeedSequence(words))
+
+    def sample(self, index: int) -> SampleSpec:
+        if index < 0:
+            raise ValueError(f"sample index must be >= 0, got {index}")
+        rng = self._rng("sample", index)
+        if self.subset == "test":
+            classes = self.test_slots[index % len(self.test_slots)]
+        elif rng.random() < self.two_class_ratio:
+            if self.pairs is None:
+                classes = tuple(self.classes[i] for i in rng.choice(len(self.classes), 2, False))
+            else:
+                classes = self.train_pairs[rng.integers(len(self.train_pairs))]
+        else:
+            classes = (self.classes[rng.integers(len(self.classes))],)
+        if len(classes) == 2 and rng.random() < 0.5:  # either class may come first
+            classes = classes[::-1]
+        return SampleSpec(index, tuple(classes), prompt_for(classes), int(rng.integers(2**63)))

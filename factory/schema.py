@@ -1,0 +1,109 @@
+"""The record store's schema: one row per generated sample (a triplet of the paper, plus what it
+takes to recompute its features and to reproduce it).
+
+Images are PNG bytes, masks COCO RLE (pycocotools), the latent raw float16 bytes with its shape:
+plain Parquet types, so pandas, Ray Data, DuckDB and HF datasets read shards unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+SCHEMA_VERSION = 1
+
+RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.binary())])  # COCO RLE, [h, w]
+
+TRIPLET_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),            # sample index in its run: with the run, defines it
+        ("split", pa.string()),           # pascal | coco
+        ("fold", pa.string()),            # 1 | 2 | 3 | zs3
+        ("subset", pa.string()),          # train | test
+        ("run_seed", pa.int64()),
+        ("noise_seed", pa.int64()),       # seeds the initial latent noise
+        ("prompt", pa.string()),
+        ("classes", pa.list_(pa.string())),     # prompt class names, K = 1 or 2
+        ("class_ids", pa.list_(pa.int32())),    # their ids in the split's vocabulary
+        ("image", pa.binary()),           # PNG, RGB
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("masks", pa.list_(RLE)),         # oracle mask per class, aligned with classes
+        ("scores", pa.list_(pa.float32())),     # best detector score per class, 0 if none
+        ("areas", pa.list_(pa.int64())),  # mask pixels per class, 0 = empty mask
+        ("x_t", pa.binary()),             # latent entering the feature step, float16, C order
+        ("x_t_shape", pa.list_(pa.int32())),    # (4, H/8, W/8)
+        ("t", pa.int32()),                # the feature step's timestep
+        ("sd_model", pa.string()),
+        ("detector", pa.string()),
+    ],
+    metadata={"schema_version": str(SCHEMA_VERSION), "kind": "triplet"},
+)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> (H, W, 3) uint8."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """(K, H, W) bool -> K COCO RLE dicts {size: [H, W], counts: bytes}."""
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(s) for s in r["size"]], "counts": r["counts"]} for r in rles]
+
+
+def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
+    """K COCO RLE dicts -> (K, H, W) bool (K may be 0)."""
+    if not len(rles):
+        return np.zeros((0, height, width), dtype=bool)
+    rles = [{"size": [int(s) for s in r["size"]], "counts": r["counts"]} for r in rles]
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+
+
+def decode_latent(data: bytes, shape) -> np.ndarray:
+    """Stored x_t -> (4, h, w) float16."""
+    return np.frombuffer(data, dtype=np.float16).reshape(tuple(int(s) for s in shape))
+
+
+def to_triplets(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: str,
+                run_seed: int, sd_model: str, detector: str) -> pa.Table:
+    """Stage outputs (the columns of SDGenerator and MaskRCNNLabeller) -> rows of the schema."""
+    images = batch["image"]                                                  # (B, H, W, 3)
+    x_t = np.asarray(batch["x_t"], dtype=np.float16)                         # (B, 4, h, w)
+    n, h, w = len(images), images.shape[1], images.shape[2]
+    columns = {
+        "index": batch["index"],
+        "split": [split] * n,
+        "fold": [fold] * n,
+        "subset": [subset] * n,
+        "run_seed": [run_seed] * n,
+        "noise_seed": batch["noise_seed"],
+        "prompt": [str(p) for p in batch["prompt"]],
+        "classes": [[str(c) for c in v] for v in batch["classes"]],
+        "class_ids": [[int(c) for c in v] for v in batch["class_ids"]],
+        "image": [encode_png(im) for im in images],
+        "height": [h] * n,
+        "width": [w] * n,
+        "masks": [[{"size": [int(s) for s in r["size"]], "counts": bytes(r["counts"])} for r in v]
+                  for v in batch["masks"]],
+        "scores": [[float(s) for s in v] for v in batch["scores"]],
+        "areas": [[int(a) for a in v] for v in batch["areas"]],
+        "x_t": [x.tobytes() for x in np.ascontiguousarray(x_t)],
+        "x_t_shape": [list(x_t.shape[1:])] * n,
+        "t": batch["t"],
+        "sd_model": [sd_model] * n,
+        "detector": [detector] * n,
+    }
+    return pa.table({k: pa.array(v, type=TRIPLET_SCHEMA.field(k).type)
+                     for k, v in columns.items()}, schema=TRIPLET_SCHEMA)

@@ -1,0 +1,150 @@
+"""An output folder: `manifest.json` plus fixed-size Parquet shards, each written atomically.
+
+Shard k holds samples [k * shard_size, (k + 1) * shard_size) sorted by index. It is written to a
+hidden temporary file and renamed into place, so a shard file exists only when complete; a rerun
+with the same run arguments writes only the missing shards, and the result is the same files as
+an uninterrupted run. The manifest's `run` block is what defines the data: a rerun whose `run`
+differs is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.schema import SCHEMA_VERSION, TRIPLET_SCHEMA
+
+MANIFEST = "manifest.json"
+PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
+
+
+class StoreError(ValueError):
+    """An output folder that cannot be used for this run."""
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass(frozen=True)
+class ShardStore:
+    root: str
+    manifest: dict
+
+    @property
+    def n(self) -> int:
+        return self.manifest["run"]["n"]
+
+    @property
+    def shard_size(self) -> int:
+        return self.manifest["run"]["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_rows(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+    def shard_path(self, k: int) -> str:
+        return os.path.join(self.root, f"shard-{k:05d}-of-{self.num_shards:05d}.parquet")
+
+    def done(self) -> list[int]:
+        return [k for k in range(self.num_shards) if os.path.exists(self.shard_path(k))]
+
+    def todo(self) -> list[int]:
+        done = set(self.done())
+        return [k for k in range(self.num_shards) if k not in done]
+
+    def shard_paths(self) -> list[str]:
+        return [self.shard_path(k) for k in self.done()]
+
+    def write_shard(self, k: int, table: pa.Table) -> str:
+        """Write shard k atomically; its rows must be exactly the shard's sample indices."""
+        table = table.sort_by("index")
+        if table.column("index").to_pylist() != list(self.shard_rows(k)):
+            raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
+                             f"got {table.num_rows} rows")
+        path = self.shard_path(k)
+        tmp = os.path.join(self.root, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def remove_partial(self) -> int:
+        """Delete temporary files a crashed run left behind; returns how many."""
+        stale = glob.glob(os.path.join(self.root, ".shard-*.tmp-*"))
+        for p in stale:
+            os.remove(p)
+        return len(stale)
+
+    @classmethod
+    def open(cls, root: str) -> ShardStore:
+        """An existing output folder (for reading)."""
+        path = os.path.join(root, MANIFEST)
+        if not os.path.isfile(path):
+            raise StoreError(f"{root!r} is not a factory output folder (no {MANIFEST})")
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"cannot read {path!r}: {e}") from None
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{root!r} has schema version {manifest.get('schema_version')}; "
+                             f"this factory reads version {SCHEMA_VERSION}")
+        return cls(root, manifest)
+
+    @classmethod
+    def create_or_resume(cls, root: str, run: dict, **info) -> ShardStore:
+        """The folder for `run`: new (empty or absent folder) or an earlier run of the same
+        arguments. `info` (models, pairs, ...) is recorded in a new manifest, not compared."""
+        if os.path.isfile(os.path.join(root, MANIFEST)):
+            store = cls.open(root)
+            differ = sorted(k for k in set(run) | set(store.manifest["run"])
+                            if run.get(k) != store.manifest["run"].get(k))
+            if differ:
+                shown = ", ".join(f"{k}={store.manifest['run'].get(k)!r} (now {run.get(k)!r})"
+                                  for k in differ)
+                raise StoreError(f"{root!r} holds another run ({shown}): use a new --out folder")
+            return store
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+            raise StoreError(f"{root!r} exists and is not an empty folder or a factory output")
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "run": run,
+            **info,
+            "packages": package_versions(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f".{MANIFEST}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(tmp, os.path.join(root, MANIFEST))
+        return cls(root, manifest)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """All finished shards as one table (only `columns`, if given)."""
+        paths = self.shard_paths()
+        if not paths:
+            names = TRIPLET_SCHEMA.names if columns is None else columns
+            return pa.schema([TRIPLET_SCHEMA.field(c) for c in names]).empty_table()
+        return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

@@ -1,0 +1,120 @@
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from actors.batch import object_column
+from factory.schema import (
+    TRIPLET_SCHEMA,
+    decode_latent,
+    decode_masks,
+    decode_png,
+    encode_masks,
+    to_triplets,
+)
+from factory.store import MANIFEST, ShardStore, StoreError
+
+META = dict(split="pascal", fold="1", subset="train", run_seed=7, sd_model="tiny",
+            detector="tiny")
+
+
+def stage_batch(indices, h=16, w=24):
+    """What the labeller stage hands on: spec columns, generator and labeller outputs."""
+    rng = np.random.default_rng(0)
+    n = len(indices)
+    masks = [rng.random((1 + i % 2, h, w)) > 0.5 for i in range(n)]
+    masks[0][0] = False  # an empty mask
+    return {
+        "index": np.array(indices, dtype=np.int64),
+        "prompt": np.array(["a photograph of a cat"] * n, dtype=object),
+        "noise_seed": np.arange(n, dtype=np.int64) + 2**62,
+        "classes": object_column([["cat", "dog"][: 1 + i % 2] for i in range(n)]),
+        "class_ids": object_column([[8, 12][: 1 + i % 2] for i in range(n)]),
+        "image": rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8),
+        "x_t": rng.standard_normal((n, 4, h // 8, w // 8)).astype(np.float16),
+        "t": np.full(n, 1, dtype=np.int32),
+        "masks": object_column([encode_masks(m) for m in masks]),
+        "scores": object_column([[0.9] * len(m) for m in masks]),
+        "areas": object_column([m.sum((1, 2)).tolist() for m in masks]),
+    }, masks
+
+
+def test_triplets_round_trip_through_parquet_and_pandas(tmp_path):
+    batch, masks = stage_batch([0, 1, 2])
+    table = to_triplets(batch, **META)
+    assert table.schema.equals(TRIPLET_SCHEMA)
+    pq.write_table(table, tmp_path / "s.parquet")
+    df = pd.read_parquet(tmp_path / "s.parquet")
+    assert list(df.columns) == TRIPLET_SCHEMA.names
+    for i, row in df.iterrows():
+        np.testing.assert_array_equal(decode_png(row["image"]), batch["image"][i])
+        np.testing.assert_array_equal(decode_masks(row["masks"], row["height"], row["width"]),
+                                      masks[i])
+        np.testing.assert_array_equal(decode_latent(row["x_t"], row["x_t_shape"]),
+                                      batch["x_t"][i])
+        assert list(row["classes"]) == list(batch["classes"][i])
+        assert row["noise_seed"] == batch["noise_seed"][i]
+    assert df["areas"][0][0] == 0
+    assert pq.read_schema(tmp_path / "s.parquet").metadata[b"schema_version"] == b"1"
+
+
+def make_store(tmp_path, n=10, shard_size=4, **run):
+    return ShardStore.create_or_resume(str(tmp_path / "out"), {"n": n, "shard_size": shard_size,
+                                                               **run}, seen=[], unseen=[])
+
+
+def test_shards_are_fixed_ranges_and_written_whole(tmp_path):
+    store = make_store(tmp_path)
+    assert store.num_shards == 3 and list(store.shard_rows(2)) == [8, 9]
+    assert store.todo() == [0, 1, 2]
+    table = to_triplets(stage_batch([9, 8])[0], **META)
+    store.write_shard(2, table)
+    assert store.done() == [2] and store.todo() == [0, 1]
+    assert pq.read_table(store.shard_path(2)).column("index").to_pylist() == [8, 9]
+    with pytest.raises(StoreError, match="shard 1 must hold samples"):
+        store.write_shard(1, to_triplets(stage_batch([4, 5])[0], **META))
+    assert store.done() == [2]
+
+
+def test_a_crash_while_writing_leaves_no_shard_and_no_temp_file(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    table = to_triplets(stage_batch([0, 1, 2, 3])[0], **META)
+
+    def crash(table, path, **kw):
+        open(path, "wb").write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq, "write_table", crash)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_shard(0, table)
+    assert os.listdir(store.root) == [MANIFEST]
+
+
+def test_temp_files_of_a_killed_run_are_removed(tmp_path):
+    store = make_store(tmp_path)
+    open(os.path.join(store.root, ".shard-00000-of-00003.parquet.tmp-1234abcd"), "wb").close()
+    assert store.remove_partial() == 1
+    assert os.listdir(store.root) == [MANIFEST]
+
+
+def test_rerun_with_same_run_resumes_and_other_run_is_refused(tmp_path):
+    store = make_store(tmp_path, seed=1)
+    store.write_shard(0, to_triplets(stage_batch([0, 1, 2, 3])[0], **META))
+    again = make_store(tmp_path, seed=1)
+    assert again.done() == [0] and again.manifest == store.manifest
+    with pytest.raises(StoreError, match=r"holds another run \(seed=1 \(now 2\)\)"):
+        make_store(tmp_path, seed=2)
+    with open(os.path.join(store.root, MANIFEST)) as f:
+        assert json.load(f)["run"]["seed"] == 1
+
+
+def test_non_empty_foreign_folder_is_refused(tmp_path):
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an empty folder or a factory output"):
+        make_store(tmp_path)
+    with pytest.raises(StoreError, match="not a factory output folder"):
+        ShardStore.open(str(tmp_path / "out"))
