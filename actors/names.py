@@ -28,8 +28,8 @@ def check_model_name(model: str) -> None:
     except (OSError, ValueError):
         pass
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1:
-        raise ModelNotFoundError(f"no diffusers model folder at {model!r} (one holding "
-                                 "model_index.json), and it is no hub id (owner/name)")
+        raise ModelNotFoundError(f"no diffusers model folder (with model_index.json) at {model!r}: "
+                                 "pass --model tiny, a hub id (owner/name) or such a folder")
     from huggingface_hub import model_info
 
     try:  # one request: a hub id is fine if the hub has it (each worker downloads it then)

@@ -107,7 +107,7 @@ def load_sd(model: str = DEFAULT_MODEL, *, device: str | torch.device | None = N
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                model, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+                model, safety_checker=None, requires_safety_checker=False, dtype=dtype)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(model_not_found(model, e)) from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

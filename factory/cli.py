@@ -74,9 +74,6 @@ def generate_options(f):
 def run_generate(o: GenerateOptions) -> None:
     from factory.pipeline import generate
 
-    if o.pairs is None:
-        click.echo("notice: no --pairs file; two-class prompts pair classes uniformly (the paper "
-                   "uses co-appearing pairs: make a file with `factory pairs`)", err=True)
     r = generate(o)
     if r.written == 0:
         click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
@@ -146,9 +143,9 @@ def demo(out: str | None) -> None:
     click.echo(format_stats(dataset_stats(out)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="factory", standalone_mode=False)
     except (click.ClickException, FactoryError) as e:
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"factory: error: {msg}", err=True)

@@ -2,8 +2,8 @@
 labeller pool -> Parquet shards. This module wires stages; the models live in `actors/`.
 
 Each stage asks for its own custom resource (`gen`, `label`) besides its GPU share, so that on a
-cluster (cluster.yaml) the pools land on their own node groups; on one machine a local Ray gets
-both resources and the GPUs are shared.
+cluster the pools land on their own node groups; on one machine a local Ray gets both resources
+and the GPUs are shared.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
             raise ValueError(f"feature step must lie in [0, {o.steps}), got {o.feature_step}")
         if o.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {o.oracle!r}: one of {', '.join(ORACLES)}")
+        check_model_name(o.model)
         detector = o.detector or (TINY if o.model == TINY else "torchvision")
         check_detector(detector, o.detector_weights)
-        check_model_name(o.model)
         run = {
             "kind": "triplets", "split": o.split, "fold": split.fold, "subset": o.subset,
             "n": n, "seed": o.seed, "shard_size": o.shard_size, "model": o.model,
@@ -206,6 +206,9 @@ def build_dataset(o: GenerateOptions, plan: SamplePlan, store: ShardStore, shard
 def generate(o: GenerateOptions) -> GenerateResult:
     """Make (or finish) the run described by `o`; a finished run returns at once."""
     plan, store = prepare(o)
+    if plan.pairs is None:
+        log.warning("notice: no --pairs file, so two-class prompts pair classes uniformly (the "
+                    "paper uses co-appearing pairs: make a file with `factory pairs`)")
     if store.remove_partial():
         log.info("removed temporary files of an interrupted run")
     todo = store.todo()
@@ -229,8 +232,9 @@ def _check_stage_resources() -> None:
     missing = [r for r in ("gen", "label") if have.get(r, 0) < 1]
     if missing:
         raise FactoryError(
-            f"the Ray cluster has no {' or '.join(repr(r) for r in missing)} resource: give the "
-            "generator and labeller nodes `resources: {gen: N}` / `{label: N}` (cluster.yaml)")
+            f"the Ray cluster has no {' or '.join(repr(r) for r in missing)} resource: start "
+            "generator nodes with --resources='{\"gen\": N}' and labeller nodes with "
+            "--resources='{\"label\": N}' (N = their GPUs)")
 
 
 def _write_shards(ds, store: ShardStore, todo: int, start: float) -> int:

@@ -1,4 +1,5 @@
-"""An output folder: `manifest.json` plus fixed-size Parquet shards, each written atomically.
+"""An output folder: `manifest.json` plus fixed-size Parquet shards in `data/`, each written
+atomically. `data/` holds nothing else, so pandas, Ray Data, DuckDB or HF datasets read it as is.
 
 Shard k holds samples [k * shard_size, (k + 1) * shard_size) sorted by index. It is written to a
 hidden temporary file and renamed into place, so a shard file exists only when complete; a rerun
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from factory.schema import SCHEMA_VERSION, TRIPLET_SCHEMA
 
 MANIFEST = "manifest.json"
+DATA = "data"  # shards live here, apart from the manifest
 PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
 
 
@@ -60,8 +62,12 @@ class ShardStore:
     def shard_rows(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
 
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.root, DATA)
+
     def shard_path(self, k: int) -> str:
-        return os.path.join(self.root, f"shard-{k:05d}-of-{self.num_shards:05d}.parquet")
+        return os.path.join(self.data_dir, f"shard-{k:05d}-of-{self.num_shards:05d}.parquet")
 
     def done(self) -> list[int]:
         return [k for k in range(self.num_shards) if os.path.exists(self.shard_path(k))]
@@ -80,7 +86,7 @@ class ShardStore:
             raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
                              f"got {table.num_rows} rows")
         path = self.shard_path(k)
-        tmp = os.path.join(self.root, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(self.data_dir, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             pq.write_table(table, tmp)
             os.replace(tmp, path)
@@ -91,7 +97,7 @@ class ShardStore:
 
     def remove_partial(self) -> int:
         """Delete temporary files a crashed run left behind; returns how many."""
-        stale = glob.glob(os.path.join(self.root, ".shard-*.tmp-*"))
+        stale = glob.glob(os.path.join(self.data_dir, ".shard-*.tmp-*"))
         for p in stale:
             os.remove(p)
         return len(stale)
@@ -134,7 +140,7 @@ class ShardStore:
             "packages": package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(os.path.join(root, DATA), exist_ok=True)
         tmp = os.path.join(root, f".{MANIFEST}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)

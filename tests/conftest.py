@@ -38,7 +38,7 @@ def tiny_labeller():
     return MaskRCNNLabeller("pascal", detector="tiny")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def spec_batch():
     """Makes a batch as the spec stage does: prompts, noise seeds, class lists."""
     from actors.batch import object_column

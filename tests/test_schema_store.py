@@ -15,7 +15,7 @@ from factory.schema import (
     encode_masks,
     to_triplets,
 )
-from factory.store import MANIFEST, ShardStore, StoreError
+from factory.store import DATA, MANIFEST, ShardStore, StoreError
 
 META = dict(split="pascal", fold="1", subset="train", run_seed=7, sd_model="tiny",
             detector="tiny")
@@ -90,14 +90,14 @@ def test_a_crash_while_writing_leaves_no_shard_and_no_temp_file(tmp_path, monkey
     monkeypatch.setattr(pq, "write_table", crash)
     with pytest.raises(OSError, match="disk full"):
         store.write_shard(0, table)
-    assert os.listdir(store.root) == [MANIFEST]
+    assert sorted(os.listdir(store.root)) == [DATA, MANIFEST] and not os.listdir(store.data_dir)
 
 
 def test_temp_files_of_a_killed_run_are_removed(tmp_path):
     store = make_store(tmp_path)
-    open(os.path.join(store.root, ".shard-00000-of-00003.parquet.tmp-1234abcd"), "wb").close()
+    open(os.path.join(store.data_dir, ".shard-00000-of-00003.parquet.tmp-1234abcd"), "wb").close()
     assert store.remove_partial() == 1
-    assert os.listdir(store.root) == [MANIFEST]
+    assert not os.listdir(store.data_dir)
 
 
 def test_rerun_with_same_run_resumes_and_other_run_is_refused(tmp_path):

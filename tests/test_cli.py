@@ -1,0 +1,111 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from factory.cli import main
+from factory.pipeline import GenerateOptions, prepare
+
+
+def run(argv, capsys):
+    """`factory ARGV` in this process: (exit status, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return str(tmp_path / "out")
+
+
+def bad_pairs_file(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"format": 1, "vocabulary": "pascal",
+                                "pairs": [["person", "unicorn"]]}))
+    return str(path)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "ade"], "unknown split 'ade'"),
+    (["--fold", "7"], "unknown fold '7'"),
+    (["--split", "coco", "--fold", "zs3"], "unknown fold 'zs3'"),
+    (["--subset", "val"], "unknown subset 'val'"),
+    (["--n", "0"], "n must be > 0"),
+    (["--n", "-3"], "n must be > 0"),
+    (["--shard-size", "0"], "shard size must be > 0"),
+    (["--model", "/no/such/sd-folder"], "no diffusers model folder"),
+    (["--model", "tiny", "--detector", "torchvision", "--detector-weights", "/no/w.pth"],
+     "no Mask R-CNN weights"),
+    (["--oracle", "best"], "unknown oracle 'best'"),
+    (["--subset", "train", "--n", "x"], "'x' is not a valid integer"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, out, capsys):
+    base = ["generate", "--out", out, "--model", "tiny", "--n", "4"]
+    code, stdout, stderr = run(base + args, capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("factory: error")
+    assert not os.path.exists(out)
+
+
+def test_pairs_file_with_unknown_class_is_refused(tmp_path, out, capsys):
+    code, _, stderr = run(["generate", "--out", out, "--model", "tiny", "--n", "4",
+                           "--pairs", bad_pairs_file(tmp_path)], capsys)
+    assert code == 2 and "lacks: unicorn" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not os.path.exists(out)
+
+
+def test_output_folder_of_another_run_is_refused_and_left_alone(out, capsys):
+    prepare(GenerateOptions(out=out, model="tiny", n=4, seed=1))
+    before = open(os.path.join(out, "manifest.json")).read()
+    code, _, stderr = run(["generate", "--out", out, "--model", "tiny", "--n", "4",
+                           "--seed", "2"], capsys)
+    assert code == 2 and "holds another run (seed=1 (now 2))" in stderr
+    assert open(os.path.join(out, "manifest.json")).read() == before
+    assert sorted(os.listdir(out)) == ["data", "manifest.json"]
+    assert not os.listdir(os.path.join(out, "data"))
+
+
+def test_test_subset_defaults_to_the_papers_size(out):
+    _, store = prepare(GenerateOptions(out=out, model="tiny", subset="test"))
+    assert store.n == 1310 and store.manifest["run"]["n"] == 1310
+
+
+def test_train_subset_needs_n(out, capsys):
+    code, _, stderr = run(["generate", "--out", out, "--model", "tiny"], capsys)
+    assert code == 2 and "--n is required for subset 'train'" in stderr
+
+
+def test_stats_of_a_folder_that_is_no_output(tmp_path, capsys):
+    code, _, stderr = run(["stats", str(tmp_path)], capsys)
+    assert code == 2 and "not a factory output folder" in stderr
+
+
+def test_pairs_command(tmp_path, capsys):
+    coco = tmp_path / "instances.json"
+    coco.write_text(json.dumps({
+        "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
+        "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 1, "category_id": 18}]}))
+    code, stdout, _ = run(["pairs", "--coco", str(coco), "--split", "pascal", "--out",
+                           str(tmp_path / "p.json")], capsys)
+    assert code == 0 and "1 co-appearing pascal pairs from 1 images" in stdout
+    assert json.loads((tmp_path / "p.json").read_text())["pairs"] == [["dog", "person"]]
+    code, _, stderr = run(["pairs", "--out", str(tmp_path / "q.json")], capsys)
+    assert code == 2 and "exactly one of --coco FILE and --voc DIR" in stderr
+
+
+def test_console_script_reports_errors_in_one_line(tmp_path):
+    factory = os.path.join(os.path.dirname(sys.executable), "factory")
+    r = subprocess.run([factory, "generate", "--split", "ade", "--n", "2", "--model", "tiny",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "factory: error: unknown split 'ade': choose one of pascal, coco")
+    assert not (tmp_path / "o").exists()
