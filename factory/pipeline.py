@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -123,6 +123,7 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
             pairs={"source": "file" if o.pairs else "uniform", "path": o.pairs,
                    "count": len(pairs) if pairs else None},
             seen=list(split.seen), unseen=list(split.unseen),
+            arguments=asdict(o),  # as first given; pool and batch sizes may change on resume
         )
     except ValueError as e:
         raise FactoryError(str(e)) from None
