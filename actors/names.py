@@ -14,19 +14,38 @@ class ModelNotFoundError(ValueError):
     """A model name that is neither "tiny", a local folder nor a cached or reachable hub id."""
 
 
+class ModelStructureError(ValueError):
+    """A UNet whose blocks are not SD 1.x's, so its features do not form the paper's pyramid."""
+
+
+def check_unet_config(config: dict) -> None:
+    """SD 1.x's block structure: four down blocks, a mid block, four up blocks (so features come
+    at four resolutions)."""
+    down, up = config.get("down_block_types") or (), config.get("up_block_types") or ()
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if len(down) != 4 or len(up) != 4 or mid is None:
+        raise ModelStructureError(
+            "expected SD 1.x's UNet (4 down blocks, a mid block, 4 up blocks), got "
+            f"{len(down)} down blocks, mid block {mid}, {len(up)} up blocks")
+
+
 def check_model_name(model: str) -> None:
-    """Fail early, in one line, if `model` cannot be loaded here (reads model_index.json only)."""
+    """Fail early, in one line, if `model` cannot be loaded here or is not SD 1.x-shaped (reads
+    model_index.json and the UNet's config.json only)."""
     if model == TINY:
         return
     try:
         with warnings.catch_warnings():  # diffusers passes a deprecated hf_hub_download argument
             warnings.simplefilter("ignore")
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
             StableDiffusionPipeline.load_config(model, local_files_only=True)
-        return
+            unet = UNet2DConditionModel.load_config(model, subfolder="unet", local_files_only=True)
     except (OSError, ValueError):
-        pass
+        unet = None
+    if unet is not None:
+        check_unet_config(unet)
+        return
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"no diffusers model folder (with model_index.json) at {model!r}: "
                                  "pass --model tiny, a hub id (owner/name) or such a folder")

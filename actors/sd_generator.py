@@ -35,8 +35,9 @@ class SDGenerator:
     depend on what else is in its batch.
 
     Input batch:  prompt (B,) str; noise_seed (B,) int.
-    Output batch: the input plus image (B, H, W, 3) uint8; x_t (B, 4, H/8, W/8) float16, the
-    latent entering the feature step; t (B,) int32, that step's timestep."""
+    Output batch: the input plus image (B, H, W, 3) uint8; x_t (B, 4, H/8, W/8), the latent
+    entering the feature step, exactly as the UNet saw it (float16 from a float16 UNet, else
+    float32, which holds bfloat16 exactly); t (B,) int32, that step's timestep."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, steps: int = 50, guidance: float = 7.5,
                  feature_step: int | None = None, device: str | None = None,
@@ -77,9 +78,10 @@ class SDGenerator:
             self.pipe.scheduler.set_timesteps(self.steps)
             keep.latents, keep.t = latents, int(self.pipe.scheduler.timesteps[0])
         n = len(batch["prompt"])
+        x_t_dtype = torch.float16 if self.pipe.unet.dtype == torch.float16 else torch.float32
         return {
             **with_lists(batch),
             "image": (out.images * 255).round().astype(np.uint8),                  # (B, H, W, 3)
-            "x_t": keep.latents.float().cpu().numpy().astype(np.float16),          # (B, 4, h, w)
+            "x_t": keep.latents.to(x_t_dtype).cpu().numpy(),                       # (B, 4, h, w)
             "t": np.full(n, keep.t, dtype=np.int32),                                # (B,)
         }

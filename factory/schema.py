@@ -35,8 +35,9 @@ TRIPLET_SCHEMA = pa.schema(
         ("masks", pa.list_(RLE)),         # oracle mask per class, aligned with classes
         ("scores", pa.list_(pa.float32())),     # best detector score per class, 0 if none
         ("areas", pa.list_(pa.int64())),  # mask pixels per class, 0 = empty mask
-        ("x_t", pa.binary()),             # latent entering the feature step, float16, C order
+        ("x_t", pa.binary()),             # latent entering the feature step, C order
         ("x_t_shape", pa.list_(pa.int32())),    # (4, H/8, W/8)
+        ("x_t_dtype", pa.string()),       # float16 (from a float16 UNet) or float32: exact
         ("t", pa.int32()),                # the feature step's timestep
         ("sd_model", pa.string()),
         ("detector", pa.string()),
@@ -71,16 +72,18 @@ def decode_masks(rles: list[dict], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
 
 
-def decode_latent(data: bytes, shape) -> np.ndarray:
-    """Stored x_t -> (4, h, w) float16."""
-    return np.frombuffer(data, dtype=np.float16).reshape(tuple(int(s) for s in shape))
+def decode_latent(data: bytes, shape, dtype: str) -> np.ndarray:
+    """Stored x_t -> (4, h, w) array of its stored dtype."""
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(int(s) for s in shape))
 
 
 def to_triplets(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: str,
                 run_seed: int, sd_model: str, detector: str) -> pa.Table:
     """Stage outputs (the columns of SDGenerator and MaskRCNNLabeller) -> rows of the schema."""
     images = batch["image"]                                                  # (B, H, W, 3)
-    x_t = np.asarray(batch["x_t"], dtype=np.float16)                         # (B, 4, h, w)
+    x_t = np.ascontiguousarray(batch["x_t"])                                 # (B, 4, h, w)
+    if x_t.dtype not in (np.float16, np.float32):
+        raise ValueError(f"x_t must be float16 or float32, got {x_t.dtype}")
     n, h, w = len(images), images.shape[1], images.shape[2]
     columns = {
         "index": batch["index"],
@@ -99,8 +102,9 @@ def to_triplets(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: 
                   for v in batch["masks"]],
         "scores": [[float(s) for s in v] for v in batch["scores"]],
         "areas": [[int(a) for a in v] for v in batch["areas"]],
-        "x_t": [x.tobytes() for x in np.ascontiguousarray(x_t)],
+        "x_t": [x.tobytes() for x in x_t],
         "x_t_shape": [list(x_t.shape[1:])] * n,
+        "x_t_dtype": [x_t.dtype.name] * n,
         "t": batch["t"],
         "sd_model": [sd_model] * n,
         "detector": [detector] * n,

@@ -53,8 +53,8 @@ def test_triplets_round_trip_through_parquet_and_pandas(tmp_path):
         np.testing.assert_array_equal(decode_png(row["image"]), batch["image"][i])
         np.testing.assert_array_equal(decode_masks(row["masks"], row["height"], row["width"]),
                                       masks[i])
-        np.testing.assert_array_equal(decode_latent(row["x_t"], row["x_t_shape"]),
-                                      batch["x_t"][i])
+        np.testing.assert_array_equal(
+            decode_latent(row["x_t"], row["x_t_shape"], row["x_t_dtype"]), batch["x_t"][i])
         assert list(row["classes"]) == list(batch["classes"][i])
         assert row["noise_seed"] == batch["noise_seed"][i]
     assert df["areas"][0][0] == 0

@@ -17,7 +17,7 @@ def generated(tiny_generator, spec_batch):
 def test_generator_outputs(tiny_generator, generated):
     batch, out = generated
     assert out["image"].shape == (3, 64, 64, 3) and out["image"].dtype == np.uint8
-    assert out["x_t"].shape == (3, 4, 8, 8) and out["x_t"].dtype == np.float16
+    assert out["x_t"].shape == (3, 4, 8, 8) and out["x_t"].dtype == np.float32
     assert list(out["t"]) == [1, 1, 1]  # the last of 5 DDIM steps (SD's steps_offset = 1)
     assert list(out["prompt"]) == list(batch["prompt"])
     assert out["image"].std() > 0 and not np.array_equal(out["image"][0], out["image"][2])
@@ -27,8 +27,9 @@ def test_sample_depends_on_its_seed_not_its_batch(tiny_generator, generated, spe
     batch, out = generated
     alone = tiny_generator(spec_batch([("cat", "chair")], [12]))
     np.testing.assert_allclose(alone["image"][0], out["image"][1], atol=1)
-    # x_t is stored in float16: equal up to one rounding step
-    np.testing.assert_allclose(alone["x_t"][0], out["x_t"][1], rtol=2**-10, atol=1e-3)
+    # float32 on the CPU: BLAS picks other kernels for other batch sizes (gemv for one row,
+    # oneDNN conv blocking), so results agree to float32 precision of x_t's scale, not bit for bit
+    assert np.abs(alone["x_t"][0] - out["x_t"][1]).max() <= 1e-5 * np.abs(out["x_t"][1]).max()
     other_seed = tiny_generator(spec_batch([("cat", "chair")], [99]))
     assert np.abs(other_seed["image"][0].astype(int) - out["image"][1]).max() > 10
 
@@ -38,7 +39,7 @@ def test_x_t_is_the_latent_entering_the_feature_step(tiny_generator, generated):
     batch, out = generated
     pipe = tiny_generator.pipe
     pipe.scheduler.set_timesteps(tiny_generator.steps)
-    x = torch.from_numpy(out["x_t"].astype(np.float32))                    # (B, 4, 8, 8)
+    x = torch.from_numpy(out["x_t"])                                       # (B, 4, 8, 8)
     t = int(out["t"][0])
     cond, uncond = pipe.encode_prompt(list(batch["prompt"]), "cpu", 1, True)
     with torch.no_grad():
@@ -47,14 +48,13 @@ def test_x_t_is_the_latent_entering_the_feature_step(tiny_generator, generated):
         x0 = pipe.scheduler.step(e_u + tiny_generator.guidance * (e_c - e_u), t, x).prev_sample
         img = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     img = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round()
-    assert np.abs(img - out["image"]).max() <= 2  # x_t is stored in float16
+    assert np.abs(img - out["image"]).max() <= 1  # rounding to uint8 may flip at .5
 
 
 def test_feature_step_zero_stores_the_initial_noise(spec_batch):
     gen = SDGenerator("tiny", steps=3, feature_step=0)
     out = gen(spec_batch([("dog",)], [5]))
-    np.testing.assert_allclose(out["x_t"][0], gen.initial_noise(np.array([5]))[0].numpy(),
-                               atol=1e-3)
+    np.testing.assert_array_equal(out["x_t"][0], gen.initial_noise(np.array([5]))[0].numpy())
     assert out["t"][0] == 667
 
 
