@@ -31,6 +31,7 @@ class FeatureExtractor:
     conditional half."""
 
     def __init__(self, unet: torch.nn.Module, *, stack_cfg: bool = True) -> None:
+        unet = getattr(unet, "_orig_mod", unet)  # hooks need the eager module, not a compiled one
         check_unet_config(dict(unet.config))
         self.unet = unet.eval().requires_grad_(False)
         self.stack_cfg = stack_cfg
@@ -67,7 +68,8 @@ class FeatureExtractor:
 
         handles = [b.register_forward_hook(keep) for b in self.blocks]
         try:
-            self.unet(latents.to(self.unet.dtype), t, encoder_hidden_states=text.to(self.unet.dtype))
+            dtype = self.unet.dtype
+            self.unet(latents.to(dtype), t, encoder_hidden_states=text.to(dtype))
         finally:
             for h in handles:
                 h.remove()

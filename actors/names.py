@@ -7,7 +7,10 @@ import os
 import warnings
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5, the paper's SD
-TINY = "tiny"  # random-weight models built from configs in code: tests and the offline demo
+TINY = "tiny"  # random-weight SD at 64x64 built from configs in code: tests and the offline demo
+SD15_RANDOM = "sd15-random"  # random weights in SD 1.5's sizes: GPU benchmarks, no download
+RANDOM_MODELS = (TINY, SD15_RANDOM)
+PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 class ModelNotFoundError(ValueError):
@@ -32,7 +35,7 @@ def check_unet_config(config: dict) -> None:
 def check_model_name(model: str) -> None:
     """Fail early, in one line, if `model` cannot be loaded here or is not SD 1.x-shaped (reads
     model_index.json and the UNet's config.json only)."""
-    if model == TINY:
+    if model in RANDOM_MODELS:
         return
     try:
         with warnings.catch_warnings():  # diffusers passes a deprecated hf_hub_download argument

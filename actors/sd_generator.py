@@ -6,10 +6,20 @@ import numpy as np
 import torch
 
 from actors.batch import check_columns, default_device, with_lists
-from actors.names import DEFAULT_MODEL
+from actors.names import DEFAULT_MODEL, PRECISIONS
 from actors.sd import load_sd
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+assert tuple(DTYPES) == PRECISIONS
+
+
+def precision_dtype(precision: str | None, device: str) -> torch.dtype:
+    """The compute dtype: `precision` by name, or float16 on a GPU and float32 on the CPU."""
+    if precision is None:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if precision not in DTYPES:
+        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(DTYPES)}")
+    return DTYPES[precision]
 
 
 class KeepLatent:
@@ -37,14 +47,23 @@ class SDGenerator:
     Input batch:  prompt (B,) str; noise_seed (B,) int.
     Output batch: the input plus image (B, H, W, 3) uint8; x_t (B, 4, H/8, W/8), the latent
     entering the feature step, exactly as the UNet saw it (float16 from a float16 UNet, else
-    float32, which holds bfloat16 exactly); t (B,) int32, that step's timestep."""
+    float32, which holds bfloat16 exactly); t (B,) int32, that step's timestep.
+
+    On a GPU the UNet runs channels-last with fused QKV projections (same outputs up to float
+    rounding; PyTorch SDPA attention is diffusers' default); `compile` adds torch.compile,
+    whose one-off cost is paid on the first batch of each shape."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, steps: int = 50, guidance: float = 7.5,
                  feature_step: int | None = None, device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 precision: str | None = None, compile: bool = False) -> None:
         self.device = device or default_device()
-        dtype = dtype or ("float16" if self.device.startswith("cuda") else "float32")
-        self.pipe = load_sd(model, device=self.device, dtype=DTYPES[dtype])
+        self.pipe = load_sd(model, device=self.device,
+                            dtype=precision_dtype(precision, self.device))
+        if self.device.startswith("cuda"):
+            self.pipe.unet.to(memory_format=torch.channels_last)
+            self.pipe.unet.fuse_qkv_projections()
+        if compile:
+            self.pipe.unet = torch.compile(self.pipe.unet, fullgraph=True)
         self.steps = steps
         self.guidance = guidance
         # The paper reads features at the last denoising step (DESIGN.md).

@@ -56,6 +56,11 @@ def generate_options(f):
         click.option("--guidance", type=float, default=7.5, help="Classifier-free guidance."),
         click.option("--feature-step", type=int, default=None,
                      help="Denoising step whose input latent x_t is stored [default: last]."),
+        click.option("--precision", default=None,
+                     help="float32 | float16 | bfloat16 [default: float16 on a GPU, else "
+                          "float32]."),
+        click.option("--compile/--no-compile", default=False,
+                     help="torch.compile the UNet (a one-off cost per actor and batch shape)."),
         click.option("--batch-size", type=int, default=8, help="Images per generator call."),
         click.option("--label-batch-size", type=int, default=8, help="Images per labeller call."),
         click.option("--generators", type=int, default=1, help="SD generator actors."),

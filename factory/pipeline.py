@@ -53,6 +53,8 @@ class GenerateOptions:
     steps: int = 50
     guidance: float = 7.5
     feature_step: int | None = None  # None: the last denoising step
+    precision: str | None = None  # None: float16 on a GPU, float32 on the CPU
+    compile: bool = False
     batch_size: int = 8
     label_batch_size: int = 8
     generators: int = 1
@@ -83,7 +85,7 @@ def _file_sha256(path: str) -> str:
 def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
     """Check every argument, then create (or reopen for resume) the output folder. Raises
     FactoryError before anything is written."""
-    from actors.names import ORACLES, check_detector, check_model_name
+    from actors.names import ORACLES, PRECISIONS, check_detector, check_model_name
     from factory.pairs import read_pairs
     from factory.vocab import get_split
 
@@ -101,6 +103,8 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if o.feature_step is not None and not 0 <= o.feature_step < o.steps:
             raise ValueError(f"feature step must lie in [0, {o.steps}), got {o.feature_step}")
+        if o.precision is not None and o.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {o.precision!r}: one of {', '.join(PRECISIONS)}")
         if o.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {o.oracle!r}: one of {', '.join(ORACLES)}")
         check_model_name(o.model)
@@ -116,6 +120,7 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
             "two_class_ratio": o.two_class_ratio, "oracle": o.oracle,
             "score_threshold": o.score_threshold, "steps": o.steps, "guidance": o.guidance,
             "feature_step": o.steps - 1 if o.feature_step is None else o.feature_step,
+            "precision": o.precision or "auto",
         }
         store = ShardStore.create_or_resume(
             o.out, run,
@@ -188,7 +193,8 @@ def build_dataset(o: GenerateOptions, plan: SamplePlan, store: ShardStore, shard
         .map_batches(
             SDGenerator,
             fn_constructor_kwargs=dict(model=o.model, steps=o.steps, guidance=o.guidance,
-                                       feature_step=run["feature_step"]),
+                                       feature_step=run["feature_step"], precision=o.precision,
+                                       compile=o.compile),
             batch_size=o.batch_size, num_cpus=STAGE_CPUS, num_gpus=gen_gpus,
             resources={"gen": 1}, compute=ray.data.ActorPoolStrategy(size=o.generators))
         .map_batches(

@@ -44,6 +44,9 @@ def bad_pairs_file(tmp_path):
     (["--model", "tiny", "--detector", "torchvision", "--detector-weights", "/no/w.pth"],
      "no Mask R-CNN weights"),
     (["--oracle", "best"], "unknown oracle 'best'"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--feature-step", "50"], "feature step must lie in [0, 50)"),
+    (["--batch-size", "0"], "batch size must be > 0"),
     (["--subset", "train", "--n", "x"], "'x' is not a valid integer"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, out, capsys):

@@ -8,8 +8,10 @@ from actors.class_embeddings import ClassEmbedder
 from actors.features import FeatureExtractor, encode_prompts, group_by_resolution
 from actors.names import ModelStructureError, check_model_name, check_unet_config
 from actors.sd import load_sd
+from factory.pipeline import FactoryError, GenerateOptions, prepare
 
-PROMPTS = [("dog",), ("pottedplant", "tvmonitor"), ("cat", "person"), ("diningtable",)]  # 1-7 tokens
+# prompts of 7 to 12 tokens
+PROMPTS = [("dog",), ("pottedplant", "tvmonitor"), ("cat", "person"), ("diningtable",)]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,9 @@ def test_a_unet_without_sd1_blocks_is_refused(tmp_path):
     config.write_text(json.dumps(cfg))
     with pytest.raises(ModelStructureError, match="mid block None"):
         check_model_name(str(tmp_path / "sd"))
+    with pytest.raises(FactoryError, match="expected SD 1.x's UNet"):
+        prepare(GenerateOptions(out=str(tmp_path / "out"), model=str(tmp_path / "sd"), n=2))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from actors.names import ModelNotFoundError, check_model_name
-from actors.sd import clip_tokenizer, load_sd, tiny_sd_components
+from actors.sd import RandomSDConfig, clip_tokenizer, load_sd, random_sd_components
 from actors.sd_generator import SDGenerator
 
 
@@ -34,7 +34,7 @@ def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    a, b = tiny_sd_components(), tiny_sd_components()
+    a, b = (random_sd_components(RandomSDConfig.tiny()) for _ in range(2))
     assert torch.equal(torch.rand(3), expected)
     for part in ("unet", "vae", "text_encoder"):
         sa, sb = a[part].state_dict(), b[part].state_dict()
