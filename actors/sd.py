@@ -3,8 +3,9 @@ and GPU benchmarks use.
 
 `load_sd` is the one way every stage gets SD. A hub id or a local folder goes through diffusers'
 `from_pretrained`; `"tiny"` and `"sd15-random"` build the same pipeline class from configs in
-code (random weights, seeded, so they are identical on every machine). Either way the scheduler is swapped for DDIM (the
-paper's sampler) and the safety checker is left out (it blanks images; labels need the pixels).
+code (random weights, seeded, so they are identical on every machine). Either way the scheduler
+is swapped for DDIM (the paper's sampler) and the safety checker is left out (it blanks images;
+labels need the pixels).
 """
 
 from __future__ import annotations
