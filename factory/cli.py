@@ -149,11 +149,16 @@ def demo(out: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    run_command(cli, argv, prog_name="factory")
+
+
+def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
+    """Run a click command; a user error (bad option, FactoryError) is one line, exit 2."""
     try:
-        cli.main(args=argv, prog_name="factory", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except (click.ClickException, FactoryError) as e:
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"factory: error: {msg}", err=True)
+        click.echo(f"{prog_name}: error: {msg}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

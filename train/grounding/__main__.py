@@ -1,0 +1,3 @@
+from train.grounding.job import main
+
+main()

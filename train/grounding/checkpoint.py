@@ -1,0 +1,69 @@
+"""Grounding-head checkpoints: a folder with the head's weights and what it was trained for.
+
+    head.pt      the head's state dict (what `load_grounding_head` loads)
+    head.json    {"config": GroundingHeadConfig fields, "split", "fold", "model", "step", ...}
+    train.pt     head and optimizer state and the step, for resuming
+
+A training `--out` folder holds Ray Train's checkpoint folders; the latest is the one whose
+head.json has the highest step.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict
+
+import torch
+
+from train.grounding.model import GroundingHead, GroundingHeadConfig
+
+HEAD_WEIGHTS, HEAD_INFO, TRAIN_STATE = "head.pt", "head.json", "train.pt"
+
+
+class CheckpointError(ValueError):
+    """A path that holds no grounding-head checkpoint."""
+
+
+def save_checkpoint(folder: str, head: GroundingHead, opt: torch.optim.Optimizer, step: int,
+                    info: dict) -> None:
+    torch.save(head.state_dict(), os.path.join(folder, HEAD_WEIGHTS))
+    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step},
+               os.path.join(folder, TRAIN_STATE))
+    with open(os.path.join(folder, HEAD_INFO), "w", encoding="utf-8") as f:
+        json.dump({**info, "config": asdict(head.cfg), "step": step}, f, indent=2)
+
+
+def read_info(folder: str) -> dict:
+    with open(os.path.join(folder, HEAD_INFO), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def latest_checkpoint(path: str) -> str | None:
+    """`path` itself if it is a checkpoint folder, else its latest checkpoint below, or None."""
+    if os.path.isfile(os.path.join(path, HEAD_INFO)):
+        return path
+    found = glob.glob(os.path.join(path, "**", HEAD_INFO), recursive=True)
+    if not found:
+        return None
+    return os.path.dirname(max(found, key=lambda p: read_info(os.path.dirname(p))["step"]))
+
+
+def load_grounding_head(path: str, device: str | torch.device = "cpu"
+                        ) -> tuple[GroundingHead, dict]:
+    """The head of a checkpoint folder, or of a training `--out` folder's latest checkpoint, in
+    eval mode, with its info (config, split, fold, model, step)."""
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise CheckpointError(f"no grounding-head checkpoint ({HEAD_INFO}) in {path!r}")
+    try:
+        info = read_info(folder)
+        cfg = GroundingHeadConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in info["config"].items()})
+        head = GroundingHead(cfg)
+        head.load_state_dict(torch.load(os.path.join(folder, HEAD_WEIGHTS), map_location="cpu",
+                                        weights_only=True))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the checkpoint in {folder!r}: {e}") from None
+    return head.to(device).eval(), info

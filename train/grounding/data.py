@@ -1,0 +1,51 @@
+"""Training batches for the grounding head from `factory generate` triplets.
+
+Rows are decoded on CPU workers (Ray Data): the stored latent, and one oracle mask per class
+padded to `MAX_CLASSES`. Only the split's seen classes count; the rest are masked out of the
+loss like padding. Features are not here: the trainer recomputes them on its GPU from x_t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from actors.batch import object_column
+from factory.schema import decode_latent, decode_masks
+from factory.store import ShardStore
+
+MAX_CLASSES = 2  # prompts name one or two classes
+COLUMNS = ["prompt", "classes", "masks", "height", "width", "x_t", "x_t_shape", "x_t_dtype", "t"]
+
+
+def check_training_data(root: str) -> ShardStore:
+    """A finished `factory generate --subset train` folder (ValueError says what is wrong)."""
+    store = ShardStore.open(root)
+    run = store.manifest["run"]
+    if run.get("kind") != "triplets":
+        raise ValueError(f"{root!r} holds {run.get('kind')!r}, not generate's triplets")
+    if run["subset"] != "train":
+        raise ValueError(f"{root!r} is a {run['subset']!r} set: train on --subset train data")
+    if not store.done():
+        raise ValueError(f"{root!r} holds no finished shard yet")
+    return store
+
+
+def training_batch(batch: dict[str, np.ndarray], *, seen: list[str]) -> dict[str, np.ndarray]:
+    """Triplet rows -> x_t (B, 4, h, w) float32, t (B,), prompt (B,), classes (B,) lists of K
+    names ("" = padding), masks (B, K, H, W) uint8, valid (B, K) bool (a real, seen class)."""
+    n = len(batch["prompt"])
+    h, w = int(batch["height"][0]), int(batch["width"][0])
+    classes = [[""] * MAX_CLASSES for _ in range(n)]
+    masks = np.zeros((n, MAX_CLASSES, h, w), dtype=np.uint8)
+    valid = np.zeros((n, MAX_CLASSES), dtype=bool)
+    seen_set = set(seen)
+    for i in range(n):
+        names = list(batch["classes"][i])
+        classes[i][:len(names)] = names
+        masks[i, :len(names)] = decode_masks(list(batch["masks"][i]), h, w)
+        valid[i, :len(names)] = [c in seen_set for c in names]
+    x_t = np.stack([decode_latent(x, s, d).astype(np.float32) for x, s, d in
+                    zip(batch["x_t"], batch["x_t_shape"], batch["x_t_dtype"], strict=True)])
+    return {"x_t": x_t, "t": np.asarray(batch["t"], dtype=np.int64),
+            "prompt": np.asarray(batch["prompt"], dtype=object), "classes": object_column(classes),
+            "masks": masks, "valid": valid}

@@ -1,0 +1,189 @@
+"""`python -m train.grounding`: train the grounding head on `factory generate` triplets with Ray
+Train, one DDP worker per GPU (or CPU workers), locally or as `ray job submit ... -- uv run
+python -m train.grounding ...`.
+
+The paper's recipe (sec. 5.1): Adam, lr 1e-4, weight decay 1e-4, batch 8, 5k iterations, on
+seen classes only, skipping classes whose oracle mask is empty. Features are recomputed from the
+stored x_t on each worker's device by a frozen UNet (bf16 on GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+
+import click
+import numpy as np
+
+from factory.pipeline import FactoryError
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "grounding"  # Ray Train's run folder under --out
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from train.grounding.checkpoint import TRAIN_STATE, save_checkpoint
+    from train.grounding.model import build_grounding_head
+    from train.grounding.trainer import FrozenSD, train_step
+
+    sd = FrozenSD(cfg["model"], ray.train.torch.get_device())
+    torch.manual_seed(cfg["seed"])  # every rank starts from the same head
+    head = build_grounding_head(cfg["head"], **sd.head_overrides()).to(sd.device)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    step = 0
+    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
+    resume_dir = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, TRAIN_STATE), map_location=sd.device)
+    elif cfg["resume_from"]:
+        resume_dir = cfg["resume_from"]
+        state = torch.load(os.path.join(resume_dir, TRAIN_STATE), map_location=sd.device)
+    if ckpt is not None or resume_dir is not None:
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    model = ray.train.torch.prepare_model(head)
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    window: list[dict] = []
+    while step < cfg["steps"]:  # every rank takes exactly `steps` steps, epoch after epoch
+        for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy"):
+            window.append(train_step(model, opt, sd.inputs(batch),
+                                     skip_empty=cfg["skip_empty"]))
+            step += 1
+            if step % cfg["report_every"] == 0 or step == cfg["steps"]:
+                metrics = {"step": step, "loss": float(np.mean([m["loss"] for m in window])),
+                           "iou": float(np.nanmean([m["iou"] for m in window]))}
+                window = []
+                with tempfile.TemporaryDirectory() as d:
+                    checkpoint = None
+                    if rank == 0:
+                        save_checkpoint(d, head, opt, step, cfg["info"])
+                        checkpoint = ray.train.Checkpoint.from_directory(d)
+                        log.info("step %d: loss %.4f, train IoU %.3f", step, metrics["loss"],
+                                 metrics["iou"])
+                    ray.train.report(metrics, checkpoint=checkpoint)  # all ranks report
+            if step >= cfg["steps"]:
+                break
+
+
+def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """Refuse a worker count the cluster cannot place, instead of waiting for it forever."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
+    short = [f"{need[r]:g} {r}s (the cluster has {have.get(r, 0):g})"
+             for r in ("CPU", "GPU") if need[r] > have.get(r, 0)]
+    if short:
+        raise FactoryError(f"{num_workers} workers need {' and '.join(short)}: use fewer "
+                           "--num-workers or a bigger cluster")
+
+
+def train(data: str, out: str, *, model: str | None = None, head: str | None = None,
+          steps: int = 5000, batch_size: int = 8, lr: float = 1e-4, weight_decay: float = 1e-4,
+          num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
+          report_every: int = 100, skip_empty: bool = True, resume: bool = False,
+          seed: int = 0, address: str | None = None):
+    """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
+    from train.grounding.checkpoint import latest_checkpoint, read_info
+    from train.grounding.data import COLUMNS, check_training_data, training_batch
+    from train.grounding.model import HEAD_CONFIGS
+    from train.grounding.trainer import head_for
+
+    for name, value in (("steps", steps), ("batch size", batch_size),
+                        ("workers", num_workers), ("report every", report_every)):
+        if value <= 0:
+            raise FactoryError(f"{name} must be > 0, got {value}")
+    try:
+        store = check_training_data(data)
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
+    run = store.manifest["run"]
+    model = model or run["model"]
+    head = head or head_for(model)
+    if head not in HEAD_CONFIGS:
+        raise FactoryError(f"unknown head {head!r}: one of {', '.join(HEAD_CONFIGS)}")
+    out = os.path.abspath(out)
+    previous = latest_checkpoint(out) if os.path.isdir(out) else None
+    if resume and previous is None:
+        raise FactoryError(f"nothing to resume: {out!r} holds no grounding-head checkpoint")
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        raise FactoryError(f"{out!r} is not empty: pass --resume to continue its training, or "
+                           "choose a new --out")
+    info = {"kind": "grounding-head", "split": run["split"], "fold": run["fold"],
+            "model": model, "data": os.path.abspath(data), "seen": store.manifest["seen"]}
+    if previous is not None:
+        old = read_info(previous)
+        if any(old.get(k) != info[k] for k in ("split", "fold", "model")):
+            raise FactoryError(f"{out!r} trains a head for {old.get('split')} fold "
+                               f"{old.get('fold')} on {old.get('model')}, not this data")
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from factory.pipeline import connect_ray
+
+    connect_ray(address)
+    check_placement(num_workers, use_gpu, cpus_per_worker)
+    ds = (ray.data.read_parquet(store.data_dir, columns=COLUMNS)
+          .map_batches(training_batch, fn_kwargs={"seen": store.manifest["seen"]},
+                       num_cpus=0.25))
+    cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size, "lr": lr,
+           "weight_decay": weight_decay, "report_every": report_every, "skip_empty": skip_empty,
+           "seed": seed, "resume_from": previous, "info": info}
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=out,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            failure_config=ray.train.FailureConfig(max_failures=3)),
+    )
+    return trainer.fit()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", required=True, help="`factory generate --subset train` output folder.")
+@click.option("--out", required=True, help="Folder for Ray Train's run and checkpoints.")
+@click.option("--model", default=None, help="SD for the features [default: the data's].")
+@click.option("--head", default=None, help="Head variant: paper | tiny [default: by model].")
+@click.option("--steps", type=int, default=5000)
+@click.option("--batch-size", type=int, default=8, help="Per worker.")
+@click.option("--lr", type=float, default=1e-4)
+@click.option("--weight-decay", type=float, default=1e-4)
+@click.option("--num-workers", type=int, default=1, help="DDP workers (one per GPU).")
+@click.option("--use-gpu", is_flag=True, help="One GPU per worker.")
+@click.option("--cpus-per-worker", type=float, default=1.0)
+@click.option("--report-every", type=int, default=100, help="Steps between checkpoints.")
+@click.option("--keep-empty-masks", is_flag=True,
+              help="Train on empty oracle masks too (the paper's 'normal training').")
+@click.option("--resume", is_flag=True, help="Continue from --out's latest checkpoint.")
+@click.option("--seed", type=int, default=0)
+@click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
+def cli(keep_empty_masks: bool, **kwargs) -> None:
+    """Train the grounding head with Ray Train."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    start = time.perf_counter()
+    result = train(skip_empty=not keep_empty_masks, **kwargs)
+    m = result.metrics or {}
+    click.echo(f"trained to step {m.get('step')} in {time.perf_counter() - start:.0f} s: loss "
+               f"{m.get('loss', float('nan')):.4f}, train IoU {m.get('iou', float('nan')):.3f}; "
+               f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from factory.cli import run_command
+
+    run_command(cli, argv, prog_name="python -m train.grounding")
