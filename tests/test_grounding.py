@@ -132,6 +132,9 @@ def test_ray_train_job_with_two_workers_checkpoints_and_resumes(ray_local, known
     assert info["step"] == 4 and (info["split"], info["fold"], info["model"]) == (
         "pascal", "1", "tiny")
     assert info["config"]["in_channels"] == [96, 64, 48, 48]
+    assert info["metrics"]["step"] == 4 and info["metrics"]["loss"] > 0
+    code, _, err = run_job(args + ["--steps", "4", "--resume"], capsys)
+    assert code == 2 and "trained to step 4 already" in err
     code, stdout, _ = run_job(args + ["--steps", "6", "--resume"], capsys)
     assert code == 0 and "trained to step 6" in stdout
     resumed, info = load_grounding_head(out)

@@ -94,9 +94,13 @@ def test_samples_do_not_depend_on_shard_or_batch_size(ray_local, first_run, tmp_
         assert np.abs(decode_png(x).astype(int) - decode_png(y)).max() <= 1
 
 
-def test_demo_runs_the_job_and_prints_stats(ray_local, tmp_path, capsys):
+def test_demo_generates_trains_and_can_run_again(ray_local, tmp_path, capsys):
     main(["demo", "--out", str(tmp_path / "demo")])
     text = capsys.readouterr().out
     assert "wrote 16 samples (2 shards)" in text
     assert "shards 2/2 done, samples 16/16" in text
-    assert ShardStore.open(str(tmp_path / "demo")).manifest["run"]["model"] == "tiny"
+    assert "grounding head: 10 steps, loss" in text
+    assert ShardStore.open(str(tmp_path / "demo" / "triplets")).manifest["run"]["model"] == "tiny"
+    main(["demo", "--out", str(tmp_path / "demo")])
+    text = capsys.readouterr().out
+    assert "nothing to do: all 2 shards" in text and "grounding head: 10 steps" in text

@@ -66,7 +66,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint = None
                     if rank == 0:
-                        save_checkpoint(d, head, opt, step, cfg["info"])
+                        save_checkpoint(d, head, opt, step, {**cfg["info"], "metrics": metrics})
                         checkpoint = ray.train.Checkpoint.from_directory(d)
                         log.info("step %d: loss %.4f, train IoU %.3f", step, metrics["loss"],
                                  metrics["iou"])
@@ -126,6 +126,8 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
         if any(old.get(k) != info[k] for k in ("split", "fold", "model")):
             raise FactoryError(f"{out!r} trains a head for {old.get('split')} fold "
                                f"{old.get('fold')} on {old.get('model')}, not this data")
+        if old["step"] >= steps:
+            raise FactoryError(f"{out!r} is trained to step {old['step']} already: raise --steps")
 
     import ray
     import ray.train
