@@ -174,6 +174,16 @@ def test_job_refuses_data_that_does_not_fit(tmp_path, capsys, known_mask_data):
     assert code == 2 and "is not empty: pass --resume" in err
 
 
+def test_job_refuses_to_resume_a_head_of_another_split(known_mask_data, tmp_path, capsys):
+    other = tmp_path / "coco-head" / "grounding" / "checkpoint_1"
+    os.makedirs(other)
+    (other / "head.json").write_text(json.dumps({"split": "coco", "fold": "1", "model": "tiny",
+                                                  "step": 10, "config": {}}))
+    code, _, err = run_job(["--data", known_mask_data, "--out", str(tmp_path / "coco-head"),
+                            "--resume"], capsys)
+    assert code == 2 and "trains a head for coco fold 1 on tiny, not this data" in err
+
+
 def test_job_refuses_more_workers_than_the_cluster_has(ray_local, known_mask_data, tmp_path,
                                                        capsys):
     code, _, err = run_job(["--data", known_mask_data, "--out", str(tmp_path / "o"),

@@ -137,7 +137,7 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
 
     connect_ray(address)
     check_placement(num_workers, use_gpu, cpus_per_worker)
-    ds = (ray.data.read_parquet(store.data_dir, columns=COLUMNS)
+    ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
           .map_batches(training_batch, fn_kwargs={"seen": store.manifest["seen"]},
                        num_cpus=0.25))
     cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size, "lr": lr,
