@@ -24,6 +24,22 @@ def ray_local():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """Runs a command's `main(argv)` in this process: (exit status, stdout, stderr)."""
+
+    def run(main, argv):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_generator():
     from actors.sd_generator import SDGenerator

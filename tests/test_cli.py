@@ -9,15 +9,10 @@ from factory.cli import main
 from factory.pipeline import GenerateOptions, prepare
 
 
-def run(argv, capsys):
+@pytest.fixture
+def run(run_cli):
     """`factory ARGV` in this process: (exit status, stdout, stderr)."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return lambda argv: run_cli(main, argv)
 
 
 @pytest.fixture
@@ -49,27 +44,27 @@ def bad_pairs_file(tmp_path):
     (["--batch-size", "0"], "batch size must be > 0"),
     (["--subset", "train", "--n", "x"], "'x' is not a valid integer"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, out, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, out, run):
     base = ["generate", "--out", out, "--model", "tiny", "--n", "4"]
-    code, stdout, stderr = run(base + args, capsys)
+    code, stdout, stderr = run(base + args)
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("factory: error")
     assert not os.path.exists(out)
 
 
-def test_pairs_file_with_unknown_class_is_refused(tmp_path, out, capsys):
+def test_pairs_file_with_unknown_class_is_refused(tmp_path, out, run):
     code, _, stderr = run(["generate", "--out", out, "--model", "tiny", "--n", "4",
-                           "--pairs", bad_pairs_file(tmp_path)], capsys)
+                           "--pairs", bad_pairs_file(tmp_path)])
     assert code == 2 and "lacks: unicorn" in stderr and len(stderr.strip().splitlines()) == 1
     assert not os.path.exists(out)
 
 
-def test_output_folder_of_another_run_is_refused_and_left_alone(out, capsys):
+def test_output_folder_of_another_run_is_refused_and_left_alone(out, run):
     prepare(GenerateOptions(out=out, model="tiny", n=4, seed=1))
     before = open(os.path.join(out, "manifest.json")).read()
     code, _, stderr = run(["generate", "--out", out, "--model", "tiny", "--n", "4",
-                           "--seed", "2"], capsys)
+                           "--seed", "2"])
     assert code == 2 and "holds another run (seed=1 (now 2))" in stderr
     assert open(os.path.join(out, "manifest.json")).read() == before
     assert sorted(os.listdir(out)) == ["data", "manifest.json"]
@@ -81,26 +76,26 @@ def test_test_subset_defaults_to_the_papers_size(out):
     assert store.n == 1310 and store.manifest["run"]["n"] == 1310
 
 
-def test_train_subset_needs_n(out, capsys):
-    code, _, stderr = run(["generate", "--out", out, "--model", "tiny"], capsys)
+def test_train_subset_needs_n(out, run):
+    code, _, stderr = run(["generate", "--out", out, "--model", "tiny"])
     assert code == 2 and "--n is required for subset 'train'" in stderr
 
 
-def test_stats_of_a_folder_that_is_no_output(tmp_path, capsys):
-    code, _, stderr = run(["stats", str(tmp_path)], capsys)
+def test_stats_of_a_folder_that_is_no_output(tmp_path, run):
+    code, _, stderr = run(["stats", str(tmp_path)])
     assert code == 2 and "not a factory output folder" in stderr
 
 
-def test_pairs_command(tmp_path, capsys):
+def test_pairs_command(tmp_path, run):
     coco = tmp_path / "instances.json"
     coco.write_text(json.dumps({
         "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}],
         "annotations": [{"image_id": 1, "category_id": 1}, {"image_id": 1, "category_id": 18}]}))
     code, stdout, _ = run(["pairs", "--coco", str(coco), "--split", "pascal", "--out",
-                           str(tmp_path / "p.json")], capsys)
+                           str(tmp_path / "p.json")])
     assert code == 0 and "1 co-appearing pascal pairs from 1 images" in stdout
     assert json.loads((tmp_path / "p.json").read_text())["pairs"] == [["dog", "person"]]
-    code, _, stderr = run(["pairs", "--out", str(tmp_path / "q.json")], capsys)
+    code, _, stderr = run(["pairs", "--out", str(tmp_path / "q.json")])
     assert code == 2 and "exactly one of --coco FILE and --voc DIR" in stderr
 
 
