@@ -93,8 +93,7 @@ class SDGenerator:
             callback_on_step_end=keep,
             callback_on_step_end_tensor_inputs=["latents"],
         )
-        if self.feature_step == 0:
-            self.pipe.scheduler.set_timesteps(self.steps)
+        if self.feature_step == 0:  # the callback never sees the latent entering step 0
             keep.latents, keep.t = latents, int(self.pipe.scheduler.timesteps[0])
         n = len(batch["prompt"])
         x_t_dtype = torch.float16 if self.pipe.unet.dtype == torch.float16 else torch.float32
