@@ -13,6 +13,11 @@ RANDOM_MODELS = (TINY, SD15_RANDOM)
 PRECISIONS = ("float32", "float16", "bfloat16")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(PRECISIONS)}")
+
+
 class ModelNotFoundError(ValueError):
     """A model name that is neither "tiny", a local folder nor a cached or reachable hub id."""
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from actors.batch import check_columns, default_device, with_lists
-from actors.names import DEFAULT_MODEL, PRECISIONS
+from actors.names import DEFAULT_MODEL, PRECISIONS, check_precision
 from actors.sd import load_sd
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -17,8 +17,7 @@ def precision_dtype(precision: str | None, device: str) -> torch.dtype:
     """The compute dtype: `precision` by name, or float16 on a GPU and float32 on the CPU."""
     if precision is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
-    if precision not in DTYPES:
-        raise ValueError(f"unknown precision {precision!r}: one of {', '.join(DTYPES)}")
+    check_precision(precision)
     return DTYPES[precision]
 
 

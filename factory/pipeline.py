@@ -85,7 +85,7 @@ def _file_sha256(path: str) -> str:
 def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
     """Check every argument, then create (or reopen for resume) the output folder. Raises
     FactoryError before anything is written."""
-    from actors.names import ORACLES, PRECISIONS, check_detector, check_model_name
+    from actors.names import ORACLES, check_detector, check_model_name, check_precision
     from factory.pairs import read_pairs
     from factory.vocab import get_split
 
@@ -103,8 +103,8 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if o.feature_step is not None and not 0 <= o.feature_step < o.steps:
             raise ValueError(f"feature step must lie in [0, {o.steps}), got {o.feature_step}")
-        if o.precision is not None and o.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {o.precision!r}: one of {', '.join(PRECISIONS)}")
+        if o.precision is not None:
+            check_precision(o.precision)
         if o.oracle not in ORACLES:
             raise ValueError(f"unknown oracle {o.oracle!r}: one of {', '.join(ORACLES)}")
         check_model_name(o.model)
