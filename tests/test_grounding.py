@@ -9,7 +9,7 @@ from factory.store import ShardStore
 from train.grounding.checkpoint import CheckpointError, load_grounding_head
 from train.grounding.data import training_batch
 from train.grounding.job import main as job_main
-from train.grounding.model import build_grounding_head, grounding_loss
+from train.grounding.model import build_grounding_head, grounding_loss, trained_pairs
 from train.grounding.trainer import FrozenSD, mask_iou, train_step
 
 TINY_GROUPS = ((96, 1), (64, 2), (48, 4), (48, 8))  # tiny SD's feature groups: channels, size
@@ -101,7 +101,7 @@ def test_head_learns_known_masks_on_cpu(known_mask_data):
         with torch.no_grad():
             logits = head(feats, text, valid, size=masks.shape[-2:])
         head.train()
-        return mask_iou(logits, masks, valid & (masks.flatten(2) > 0).any(-1))
+        return mask_iou(logits, masks, trained_pairs(masks, valid))
 
     before = eval_iou()
     for _ in range(300):

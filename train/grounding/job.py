@@ -37,16 +37,14 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"])  # every rank starts from the same head
     head = build_grounding_head(cfg["head"], **sd.head_overrides()).to(sd.device)
     opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step = 0
+    step, state = 0, None
     ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
-    resume_dir = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, TRAIN_STATE), map_location=sd.device)
-    elif cfg["resume_from"]:
-        resume_dir = cfg["resume_from"]
-        state = torch.load(os.path.join(resume_dir, TRAIN_STATE), map_location=sd.device)
-    if ckpt is not None or resume_dir is not None:
+    elif cfg["resume_from"]:  # --resume: the latest checkpoint of an earlier job
+        state = torch.load(os.path.join(cfg["resume_from"], TRAIN_STATE), map_location=sd.device)
+    if state is not None:
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["opt"])
         step = state["step"]

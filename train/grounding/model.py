@@ -160,13 +160,19 @@ def build_grounding_head(name: str = "paper", checkpoint: str | None = None,
     return head
 
 
+def trained_pairs(masks: Tensor, valid: Tensor) -> Tensor:
+    """B x K: the (sample, class) pairs that teach the head, real seen classes with a non-empty
+    oracle mask."""
+    return valid & (masks.flatten(2) > 0).any(-1)
+
+
 def grounding_loss(logits: Tensor, masks: Tensor, valid: Tensor,
                    skip_empty: bool = True) -> Tensor:
     """Sigmoid + BCE per (sample, class), averaged over the pairs that count (paper sec. 4.3).
     logits, masks: B x K x H x W; valid: B x K, False for padding and unseen classes.
     skip_empty: leave out classes whose oracle mask is empty ("training without zero masks",
     the detector's false negatives; +12 unseen mIoU in the paper)."""
-    use = valid & (masks.flatten(2) > 0).any(-1) if skip_empty else valid    # (B, K)
+    use = trained_pairs(masks, valid) if skip_empty else valid               # (B, K)
     if not use.any():
         return logits.sum() * 0.0  # keeps the graph (DDP needs every rank to backprop)
     per_class = F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype),

@@ -12,7 +12,7 @@ from actors.class_embeddings import ClassEmbedder
 from actors.features import FeatureExtractor, encode_prompts
 from actors.names import TINY
 from actors.sd import load_sd
-from train.grounding.model import grounding_loss
+from train.grounding.model import grounding_loss, trained_pairs
 
 
 def head_for(model: str) -> str:
@@ -72,5 +72,5 @@ def train_step(head: torch.nn.Module, opt: torch.optim.Optimizer, inputs, *,
     opt.zero_grad()
     loss.backward()
     opt.step()
-    use = valid & (masks.flatten(2) > 0).any(-1)
-    return {"loss": float(loss.detach()), "iou": mask_iou(logits.detach(), masks, use)}
+    return {"loss": float(loss.detach()),
+            "iou": mask_iou(logits.detach(), masks, trained_pairs(masks, valid))}
