@@ -1,8 +1,12 @@
-"""The record store's schema: one row per generated sample (a triplet of the paper, plus what it
-takes to recompute its features and to reproduce it).
+"""The record store's schemas, one row per generated sample:
 
-Images are PNG bytes, masks COCO RLE (pycocotools), the latent raw float16 bytes with its shape:
-plain Parquet types, so pandas, Ray Data, DuckDB and HF datasets read shards unchanged.
+- `TRIPLET_SCHEMA` (`factory generate`): a triplet of the paper (image, oracle masks, prompt),
+  plus what it takes to recompute its features and to reproduce it;
+- `SEGMENTATION_SCHEMA` (`factory label`): the same image and latent with the grounding head's
+  masks and a semantic label map.
+
+Images are PNG bytes, masks COCO RLE (pycocotools), the latent raw bytes with its shape and
+dtype: plain Parquet types, so pandas, Ray Data, DuckDB and HF datasets read shards unchanged.
 """
 
 from __future__ import annotations
@@ -46,8 +50,26 @@ TRIPLET_SCHEMA = pa.schema(
 )
 
 
+IGNORE = 255  # label-map value of pixels left unlabelled on purpose (the uncertainty band)
+
+SEGMENTATION_SCHEMA = pa.schema(
+    [f for f in TRIPLET_SCHEMA if f.name != "detector"]
+    + [
+        pa.field("label", pa.binary()),     # PNG, (H, W) uint8: 0 background, class ids, 255 ignore
+        pa.field("quality", pa.float32()),  # mean of `scores` over the prompt's classes
+        pa.field("checkpoint", pa.string()),  # the grounding head's checkpoint folder
+    ],
+    metadata={"schema_version": str(SCHEMA_VERSION), "kind": "segmentation"},
+)
+# In segmentation rows, `masks` are the label map's pixels of each class (`label == class id`),
+# `scores` each class's mean predicted probability inside its mask (0 for an empty mask), and
+# `subset` is "label".
+
+SCHEMAS = {"triplets": TRIPLET_SCHEMA, "segmentation": SEGMENTATION_SCHEMA}  # by manifest kind
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes."""
+    """(H, W, 3) uint8 RGB, or (H, W) uint8 grey (label maps) -> PNG bytes."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -56,6 +78,11 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes -> (H, W, 3) uint8."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def decode_label(data: bytes) -> np.ndarray:
+    """A label-map PNG -> (H, W) uint8 class ids."""
+    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -77,15 +104,15 @@ def decode_latent(data: bytes, shape, dtype: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(int(s) for s in shape))
 
 
-def to_triplets(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: str,
-                run_seed: int, sd_model: str, detector: str) -> pa.Table:
-    """Stage outputs (the columns of SDGenerator and MaskRCNNLabeller) -> rows of the schema."""
+def _sample_columns(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: str,
+                    run_seed: int, sd_model: str) -> dict[str, list]:
+    """The columns both schemas share, from the SD generator's and a labeller's outputs."""
     images = batch["image"]                                                  # (B, H, W, 3)
     x_t = np.ascontiguousarray(batch["x_t"])                                 # (B, 4, h, w)
     if x_t.dtype not in (np.float16, np.float32):
         raise ValueError(f"x_t must be float16 or float32, got {x_t.dtype}")
     n, h, w = len(images), images.shape[1], images.shape[2]
-    columns = {
+    return {
         "index": batch["index"],
         "split": [split] * n,
         "fold": [fold] * n,
@@ -107,7 +134,26 @@ def to_triplets(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: 
         "x_t_dtype": [x_t.dtype.name] * n,
         "t": batch["t"],
         "sd_model": [sd_model] * n,
-        "detector": [detector] * n,
     }
-    return pa.table({k: pa.array(v, type=TRIPLET_SCHEMA.field(k).type)
-                     for k, v in columns.items()}, schema=TRIPLET_SCHEMA)
+
+
+def _table(columns: dict[str, list], schema: pa.Schema) -> pa.Table:
+    return pa.table({k: pa.array(v, type=schema.field(k).type) for k, v in columns.items()},
+                    schema=schema)
+
+
+def to_triplets(batch: dict[str, np.ndarray], *, detector: str, **run) -> pa.Table:
+    """Stage outputs (the columns of SDGenerator and MaskRCNNLabeller) -> rows of the triplet
+    schema. `run`: split, fold, subset, run_seed, sd_model."""
+    columns = _sample_columns(batch, **run)
+    return _table({**columns, "detector": [detector] * len(columns["index"])}, TRIPLET_SCHEMA)
+
+
+def to_segmentation(batch: dict[str, np.ndarray], *, checkpoint: str, **run) -> pa.Table:
+    """Stage outputs (the columns of SDGenerator and GroundingLabeller) -> rows of the
+    segmentation schema. `run`: split, fold, subset, run_seed, sd_model."""
+    columns = _sample_columns(batch, **run)
+    n = len(columns["index"])
+    return _table({**columns, "label": [encode_png(m) for m in batch["label"]],
+                   "quality": batch["quality"], "checkpoint": [checkpoint] * n},
+                  SEGMENTATION_SCHEMA)

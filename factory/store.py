@@ -21,7 +21,7 @@ from importlib import metadata
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory.schema import SCHEMA_VERSION, TRIPLET_SCHEMA
+from factory.schema import SCHEMA_VERSION, SCHEMAS
 
 MANIFEST = "manifest.json"
 DATA = "data"  # shards live here, apart from the manifest
@@ -63,6 +63,32 @@ class ShardStore:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
 
     @property
+    def kind(self) -> str:
+        """What the rows are: "triplets" (`factory generate`) or "segmentation" (`factory
+        label`)."""
+        return self.manifest["run"]["kind"]
+
+    @property
+    def schema(self) -> pa.Schema:
+        return SCHEMAS[self.kind]
+
+    @property
+    def categories(self) -> list[dict]:
+        """[{"id", "name"}] of every class the data may name: the manifest's (label runs, open
+        vocabularies), else the split's vocabulary."""
+        if "categories" in self.manifest:
+            return self.manifest["categories"]
+        from factory.vocab import VOCABULARIES
+
+        vocab = VOCABULARIES[self.manifest["run"]["split"]]
+        return [{"id": i, "name": n} for i, n in zip(vocab.ids, vocab.names, strict=True)]
+
+    @property
+    def dropped(self) -> list[int]:
+        """Indices of samples left out of finished shards on purpose (`label --min-quality`)."""
+        return sorted(i for v in self.manifest.get("dropped", {}).values() for i in v)
+
+    @property
     def data_dir(self) -> str:
         return os.path.join(self.root, DATA)
 
@@ -79,12 +105,13 @@ class ShardStore:
     def shard_paths(self) -> list[str]:
         return [self.shard_path(k) for k in self.done()]
 
-    def write_shard(self, k: int, table: pa.Table) -> str:
-        """Write shard k atomically; its rows must be exactly the shard's sample indices."""
+    def write_shard(self, k: int, table: pa.Table, dropped: list[int] = ()) -> str:
+        """Write shard k atomically; its rows and the `dropped` indices must be exactly the
+        shard's sample indices. Dropped indices are recorded in the manifest."""
         table = table.sort_by("index")
-        if table.column("index").to_pylist() != list(self.shard_rows(k)):
+        if sorted([*table.column("index").to_pylist(), *dropped]) != list(self.shard_rows(k)):
             raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
-                             f"got {table.num_rows} rows")
+                             f"got {table.num_rows} rows and {len(dropped)} dropped")
         path = self.shard_path(k)
         tmp = os.path.join(self.data_dir, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         try:
@@ -93,7 +120,37 @@ class ShardStore:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if dropped:
+            self._record_dropped({k: sorted(dropped)})
         return path
+
+    def _record_dropped(self, per_shard: dict[int, list[int]]) -> None:
+        dropped = self.manifest.setdefault("dropped", {})
+        dropped.update({str(k): [int(i) for i in v] for k, v in per_shard.items()})
+        self.manifest["dropped_count"] = sum(len(v) for v in dropped.values())
+        self._write_manifest()
+
+    def repair_dropped(self) -> int:
+        """Record the dropped samples of finished shards that a crash between writing a shard and
+        updating the manifest left unrecorded (a shard's missing indices are its dropped ones);
+        returns how many shards were mended."""
+        known = self.manifest.get("dropped", {})
+        missing = {}
+        for k in self.done():
+            if str(k) not in known:
+                have = pq.read_table(self.shard_path(k), columns=["index"]).column("index")
+                lost = sorted(set(self.shard_rows(k)) - set(have.to_pylist()))
+                if lost:
+                    missing[k] = lost
+        if missing:
+            self._record_dropped(missing)
+        return len(missing)
+
+    def _write_manifest(self) -> None:
+        tmp = os.path.join(self.root, f".{MANIFEST}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.manifest, f, indent=2)
+        os.replace(tmp, os.path.join(self.root, MANIFEST))
 
     def remove_partial(self) -> int:
         """Delete temporary files a crashed run left behind; returns how many."""
@@ -141,16 +198,14 @@ class ShardStore:
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         os.makedirs(os.path.join(root, DATA), exist_ok=True)
-        tmp = os.path.join(root, f".{MANIFEST}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(tmp, os.path.join(root, MANIFEST))
-        return cls(root, manifest)
+        store = cls(root, manifest)
+        store._write_manifest()
+        return store
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """All finished shards as one table (only `columns`, if given)."""
         paths = self.shard_paths()
         if not paths:
-            names = TRIPLET_SCHEMA.names if columns is None else columns
-            return pa.schema([TRIPLET_SCHEMA.field(c) for c in names]).empty_table()
+            names = self.schema.names if columns is None else columns
+            return pa.schema([self.schema.field(c) for c in names]).empty_table()
         return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)

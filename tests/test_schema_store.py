@@ -62,8 +62,9 @@ def test_triplets_round_trip_through_parquet_and_pandas(tmp_path):
 
 
 def make_store(tmp_path, n=10, shard_size=4, **run):
-    return ShardStore.create_or_resume(str(tmp_path / "out"), {"n": n, "shard_size": shard_size,
-                                                               **run}, seen=[], unseen=[])
+    return ShardStore.create_or_resume(str(tmp_path / "out"), {"kind": "triplets", "n": n,
+                                                               "shard_size": shard_size, **run},
+                                       seen=[], unseen=[])
 
 
 def test_shards_are_fixed_ranges_and_written_whole(tmp_path):
