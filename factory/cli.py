@@ -11,7 +11,7 @@ import tempfile
 import click
 
 from actors.names import DEFAULT_MODEL
-from factory.pipeline import FactoryError, GenerateOptions
+from factory.pipeline import FactoryError, GenerateOptions, LabelOptions
 
 log = logging.getLogger("factory")
 
@@ -26,74 +26,133 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
-def generate_options(f):
-    """The options of `factory generate`, in the order --help shows them."""
-    opts = [
-        click.option("--split", default="pascal", help="Vocabulary and split: pascal | coco."),
-        click.option("--fold", default="1", help="Seen/unseen fold: 1, 2, 3 (pascal also zs3)."),
-        click.option("--subset", default="train",
-                     help="train: one or two seen classes; test: every class, paper's counts."),
-        click.option("--n", "n", type=int, default=None,
-                     help="Samples to make [default for test: 30 per class + 5 (PASCAL) or 2 "
-                          "(COCO) per pair]."),
-        click.option("--out", required=True, help="Output folder (new, empty, or this run's)."),
-        click.option("--seed", type=int, default=0, help="Run seed."),
-        click.option("--shard-size", type=int, default=256, help="Samples per Parquet shard."),
-        click.option("--model", default=DEFAULT_MODEL,
-                     help="SD: hub id, local diffusers folder, or 'tiny' (random weights)."),
-        click.option("--detector", default=None,
-                     help="torchvision | detectron2 | tiny [default: tiny with --model tiny, "
-                          "else torchvision]."),
-        click.option("--detector-weights", default=None,
-                     help="Mask R-CNN weights file [default: torchvision's cache]."),
-        click.option("--pairs", default=None,
-                     help="Co-appearing pairs file from `factory pairs` [default: uniform]."),
-        click.option("--two-class-ratio", type=float, default=0.5,
-                     help="Share of two-class prompts in subset train."),
-        click.option("--oracle", default="union",
-                     help="union: all confident instances of a class; top1: the best one."),
-        click.option("--score-threshold", type=float, default=0.5,
-                     help="Detector score an instance needs to enter a mask."),
-        click.option("--steps", type=int, default=50, help="DDIM steps."),
-        click.option("--guidance", type=float, default=7.5, help="Classifier-free guidance."),
-        click.option("--feature-step", type=int, default=None,
-                     help="Denoising step whose input latent x_t is stored [default: last]."),
-        click.option("--precision", default=None,
-                     help="float32 | float16 | bfloat16 [default: float16 on a GPU, else "
-                          "float32]."),
-        click.option("--compile/--no-compile", default=False,
-                     help="torch.compile the UNet (a one-off cost per actor and batch shape)."),
-        click.option("--batch-size", type=int, default=8, help="Images per generator call."),
-        click.option("--label-batch-size", type=int, default=8, help="Images per labeller call."),
-        click.option("--generators", type=int, default=1, help="SD generator actors."),
-        click.option("--labellers", type=int, default=1, help="Mask R-CNN labeller actors."),
-        click.option("--gen-gpus", type=float, default=None,
-                     help="GPUs per generator [default: a share of the cluster's, at most 1]."),
-        click.option("--label-gpus", type=float, default=None, help="GPUs per labeller."),
-        click.option("--address", default=None,
-                     help="Ray cluster address [default: start a local Ray]."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+def options(*opts):
+    """Apply click options in the order --help shows them."""
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return decorate
+
+
+STORE_OPTIONS = [
+    click.option("--out", required=True, help="Output folder (new, empty, or this run's)."),
+    click.option("--seed", type=int, default=0, help="Run seed."),
+    click.option("--shard-size", type=int, default=256, help="Samples per Parquet shard."),
+]
+SD_OPTIONS = [
+    click.option("--steps", type=int, default=50, help="DDIM steps."),
+    click.option("--guidance", type=float, default=7.5, help="Classifier-free guidance."),
+    click.option("--feature-step", type=int, default=None,
+                 help="Denoising step whose input latent x_t is stored [default: last]."),
+    click.option("--precision", default=None,
+                 help="float32 | float16 | bfloat16 [default: float16 on a GPU, else float32]."),
+    click.option("--compile/--no-compile", default=False,
+                 help="torch.compile the UNet (a one-off cost per actor and batch shape)."),
+    click.option("--batch-size", type=int, default=8, help="Images per generator call."),
+]
+POOL_OPTIONS = [
+    click.option("--label-batch-size", type=int, default=8, help="Images per labeller call."),
+    click.option("--generators", type=int, default=1, help="SD generator actors."),
+    click.option("--labellers", type=int, default=1, help="Labeller actors."),
+    click.option("--gen-gpus", type=float, default=None,
+                 help="GPUs per generator [default: a share of the cluster's, at most 1]."),
+    click.option("--label-gpus", type=float, default=None, help="GPUs per labeller."),
+    click.option("--address", default=None,
+                 help="Ray cluster address [default: start a local Ray]."),
+]
+
+
+def echo_result(r) -> None:
+    if r.written == 0 and r.dropped == 0:
+        click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
+        return
+    dropped = f", {r.dropped} dropped below --min-quality" if r.dropped else ""
+    click.echo(f"wrote {r.written} samples ({r.shards_written} shards{dropped}) in "
+               f"{r.seconds:.1f} s, {r.images_per_s:.2f} images/s, to {r.out}")
 
 
 def run_generate(o: GenerateOptions) -> None:
     from factory.pipeline import generate
 
-    r = generate(o)
-    if r.written == 0:
-        click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
-    else:
-        click.echo(f"wrote {r.written} samples ({r.shards_written} shards) in {r.seconds:.1f} s, "
-                   f"{r.images_per_s:.2f} images/s, to {r.out}")
+    echo_result(generate(o))
 
 
 @cli.command()
-@generate_options
+@options(
+    click.option("--split", default="pascal", help="Vocabulary and split: pascal | coco."),
+    click.option("--fold", default="1", help="Seen/unseen fold: 1, 2, 3 (pascal also zs3)."),
+    click.option("--subset", default="train",
+                 help="train: one or two seen classes; test: every class, paper's counts."),
+    click.option("--n", "n", type=int, default=None,
+                 help="Samples to make [default for test: 30 per class + 5 (PASCAL) or 2 "
+                      "(COCO) per pair]."),
+    *STORE_OPTIONS,
+    click.option("--model", default=DEFAULT_MODEL,
+                 help="SD: hub id, local diffusers folder, or 'tiny' (random weights)."),
+    click.option("--detector", default=None,
+                 help="torchvision | detectron2 | tiny [default: tiny with --model tiny, else "
+                      "torchvision]."),
+    click.option("--detector-weights", default=None,
+                 help="Mask R-CNN weights file [default: torchvision's cache]."),
+    click.option("--pairs", default=None,
+                 help="Co-appearing pairs file from `factory pairs` [default: uniform]."),
+    click.option("--two-class-ratio", type=float, default=0.5,
+                 help="Share of two-class prompts in subset train."),
+    click.option("--oracle", default="union",
+                 help="union: all confident instances of a class; top1: the best one."),
+    click.option("--score-threshold", type=float, default=0.5,
+                 help="Detector score an instance needs to enter a mask."),
+    *SD_OPTIONS, *POOL_OPTIONS,
+)
 def generate(**kwargs) -> None:
     """Generate training or test triplets: prompts -> SD -> Mask R-CNN -> Parquet shards."""
     run_generate(GenerateOptions(**kwargs))
+
+
+def run_label(o: LabelOptions) -> None:
+    from factory.pipeline import label
+
+    echo_result(label(o))
+
+
+@cli.command()
+@options(
+    click.option("--checkpoint", required=True,
+                 help="Grounding-head checkpoint folder, or a training --out (its latest)."),
+    click.option("--split", default=None,
+                 help="pascal | coco; must be the checkpoint's [default: the checkpoint's]."),
+    click.option("--fold", default=None, help="Must be the checkpoint's [default: its]."),
+    click.option("--classes", default=None,
+                 help="Open vocabulary: comma-separated class names, instead of the split's."),
+    click.option("--vocab", default=None,
+                 help="Open vocabulary file: a class name a line; 'a, b' lines are pairs."),
+    click.option("--pairs", default=None,
+                 help="Co-appearing pairs file of the split [default: uniform pairs]."),
+    click.option("--n", "n", type=int, default=None,
+                 help="Samples to make [default: --per-class x classes + --per-pair x pairs]."),
+    click.option("--per-class", type=int, default=None,
+                 help="Samples per class [default: paper's 500 (PASCAL, open vocabularies) or "
+                      "1500 (COCO)]."),
+    click.option("--per-pair", type=int, default=None,
+                 help="Samples per pair [default: paper's 71 (PASCAL) or 70 (COCO)]."),
+    *STORE_OPTIONS,
+    click.option("--model", default=None,
+                 help="SD; must be the checkpoint's [default: the checkpoint's]."),
+    click.option("--threshold", type=float, default=0.5,
+                 help="Mask probability a pixel needs to take a class."),
+    click.option("--ignore-band", type=float, nargs=2, default=None,
+                 help="LOW HIGH: top probability in [LOW, HIGH) is labelled 255 (ignore), "
+                      "below LOW background; replaces --threshold."),
+    click.option("--min-quality", type=float, default=0.0,
+                 help="Drop images whose quality (mean mask confidence) is lower; counted and "
+                      "listed in the manifest."),
+    *SD_OPTIONS, *POOL_OPTIONS,
+)
+def label(**kwargs) -> None:
+    """Label generated images with a trained grounding head: prompts over every class of the
+    split (or an open vocabulary) -> SD -> grounding head -> segmentation set."""
+    run_label(LabelOptions(**kwargs))
 
 
 @cli.command()

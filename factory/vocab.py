@@ -191,3 +191,48 @@ def to_vocab_name(name: str, vocab: Vocabulary) -> str | None:
     else:
         name = {**COCO_TO_VOC_SPELLING, "sofa": "couch"}.get(name, name)
     return name if name in vocab else None
+
+
+OPEN = "custom"  # the split name of an open vocabulary (`factory label --classes/--vocab`)
+MAX_CLASSES = 254  # label maps are uint8: 0 is background, 255 is ignore
+
+
+def open_vocabulary(names: list[str], seen: tuple[str, ...] = ()) -> Split:
+    """Any class names as a split: ids 1..N in the order given; `seen` are the names a grounding
+    head was trained on (for the record), the rest unseen."""
+    names = list(dict.fromkeys(" ".join(n.split()) for n in names))
+    if not names or "" in names:
+        raise ValueError("an open vocabulary needs at least one non-empty class name")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"an open vocabulary holds at most {MAX_CLASSES} classes (uint8 label "
+                         f"maps), got {len(names)}")
+    bad = [n for n in names if "," in n]
+    if bad:
+        raise ValueError(f"class names cannot hold commas: {', '.join(map(repr, bad))}")
+    vocab = Vocabulary(name=OPEN, names=tuple(names), ids=tuple(range(1, len(names) + 1)),
+                       detector_ids={})
+    return Split(vocab, OPEN, tuple(n for n in names if n in seen),
+                 tuple(n for n in names if n not in seen))
+
+
+def read_vocabulary_file(path: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """A vocabulary file: one class name a line; a line "a, b" names a co-appearing pair (both
+    become classes); blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read vocabulary file {path!r}: {e}") from None
+    names: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line or line.startswith("#"):
+            continue
+        parts = [" ".join(p.split()) for p in line.split(",")]
+        if len(parts) > 2 or "" in parts or len(set(parts)) != len(parts):
+            raise ValueError(f"{path}:{number}: expected a class name or two distinct names "
+                             f"'a, b', got {line!r}")
+        names += parts
+        if len(parts) == 2:
+            pairs.append((parts[0], parts[1]))
+    return list(dict.fromkeys(names)), pairs

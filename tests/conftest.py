@@ -106,3 +106,25 @@ def known_mask_data(tmp_path_factory, tiny_generator):
     for k in range(2):
         store.write_shard(k, table.slice(8 * k, 8))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A grounding-head checkpoint for the tiny SD, trained for pascal fold 1 (random weights,
+    seeded): what `python -m train.grounding` writes, without the training."""
+    import torch
+
+    from factory.vocab import get_split
+    from train.grounding.checkpoint import save_checkpoint
+    from train.grounding.model import build_grounding_head
+    from train.grounding.trainer import FrozenSD
+
+    folder = str(tmp_path_factory.mktemp("head"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = build_grounding_head("tiny", **FrozenSD("tiny", "cpu").head_overrides()).eval()
+    opt = torch.optim.Adam(head.parameters())
+    info = {"kind": "grounding-head", "split": "pascal", "fold": "1", "model": "tiny",
+            "seen": list(get_split("pascal", "1").seen)}
+    save_checkpoint(folder, head, opt, 7, info)
+    return folder

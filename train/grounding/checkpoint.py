@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 from dataclasses import asdict
 
 import torch
@@ -64,6 +65,8 @@ def load_grounding_head(path: str, device: str | torch.device = "cpu"
         head = GroundingHead(cfg)
         head.load_state_dict(torch.load(os.path.join(folder, HEAD_WEIGHTS), map_location="cpu",
                                         weights_only=True))
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the checkpoint in {folder!r}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError,
+            pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the checkpoint in {folder!r}: {first}") from None
     return head.to(device).eval(), info

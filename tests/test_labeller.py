@@ -1,0 +1,100 @@
+"""The grounding-head labeller stage on tiny models, and its label-map rule on hand-made
+probabilities."""
+
+import numpy as np
+import pytest
+import torch
+
+from actors.batch import object_column
+from actors.grounding_labeller import GroundingLabeller, check_band, label_maps
+from factory.prompts import prompt_for
+from factory.schema import IGNORE, decode_masks
+
+CLASSES = [("dog",), ("cat", "red panda"), ("fire truck", "bird"), ("sofa",)]
+
+
+def test_label_map_takes_the_most_probable_confident_class():
+    probs = torch.tensor([[[[0.9, 0.6, 0.2, 0.45]],
+                           [[0.3, 0.7, 0.1, 0.40]]]])                     # (1, 2, 1, 4)
+    ids = torch.tensor([[8, 12]])
+    valid = torch.tensor([[True, True]])
+    assert label_maps(probs, ids, valid, 0.5, 0.5).tolist() == [[[8, 12, 0, 0]]]
+    # the band: >= 0.65 labelled, < 0.3 background, in between ignore
+    assert label_maps(probs, ids, valid, 0.3, 0.65).tolist() == [[[8, 12, 0, IGNORE]]]
+
+
+def test_label_map_never_uses_a_padding_class():
+    probs = torch.tensor([[[[0.2, 0.8]], [[0.99, 0.99]]]])                  # (1, 2, 1, 2)
+    out = label_maps(probs, torch.tensor([[3, 0]]), torch.tensor([[True, False]]), 0.5, 0.5)
+    assert out.tolist() == [[[0, 3]]]
+
+
+@pytest.mark.parametrize("threshold, band", [(0.0, None), (1.0, None), (0.5, (0.7, 0.3)),
+                                             (0.5, (0.0, 0.5))])
+def test_bad_thresholds_are_refused(threshold, band):
+    with pytest.raises(ValueError):
+        check_band(threshold, band)
+
+
+@pytest.fixture(scope="module")
+def generated(tiny_generator, spec_batch):
+    """Four tiny samples, with the class ids a label run gives them."""
+    batch = tiny_generator(spec_batch(CLASSES, [11, 12, 13, 14]))
+    batch["class_ids"] = object_column([[1 + i, 10 + i][:len(c)] for i, c in enumerate(CLASSES)])
+    return batch
+
+
+@pytest.fixture(scope="module")
+def labeller(tiny_checkpoint):
+    return GroundingLabeller(tiny_checkpoint, device="cpu")
+
+
+def test_labels_masks_scores_and_quality_agree(labeller, generated):
+    out = labeller(generated)
+    probs, valid = labeller.probabilities(generated, (64, 64))
+    assert out["label"].shape == (4, 64, 64) and out["label"].dtype == np.uint8
+    assert list(out["prompt"]) == [prompt_for(c) for c in CLASSES]
+    for i, classes in enumerate(CLASSES):
+        ids = list(generated["class_ids"][i])
+        label = out["label"][i]
+        assert set(np.unique(label)) <= {0, *ids}
+        masks = decode_masks(out["masks"][i], 64, 64)
+        assert masks.shape == (len(classes), 64, 64)
+        p = probs[i, :len(classes)].numpy()
+        for k, class_id in enumerate(ids):
+            np.testing.assert_array_equal(masks[k], label == class_id)
+            assert out["areas"][i][k] == masks[k].sum()
+            expected = p[k][masks[k]].mean() if masks[k].any() else 0.0
+            assert out["scores"][i][k] == pytest.approx(expected, abs=1e-6)
+            # where a class is labelled, it is the most probable and confident one
+            assert (p[k][masks[k]] >= 0.5).all() and (p[k][masks[k]] >= p.max(0)[masks[k]]).all()
+        assert ((label == 0) == (p.max(0) < 0.5)).all()
+        assert out["quality"][i] == pytest.approx(np.mean(out["scores"][i]), abs=1e-6)
+    assert not valid[0, 1] and valid[1].all()
+    assert 0 < sum(out["label"].ravel() > 0) < out["label"].size  # a random head labels some
+
+
+def test_ignore_band_marks_uncertain_pixels(tiny_checkpoint, generated, labeller):
+    banded = GroundingLabeller(tiny_checkpoint, device="cpu", ignore_band=(0.45, 0.55))
+    label = banded(generated)["label"]
+    top = labeller.probabilities(generated, (64, 64))[0].max(1).values.numpy()  # (B, H, W)
+    np.testing.assert_array_equal(label == IGNORE, (top >= 0.45) & (top < 0.55))
+    np.testing.assert_array_equal(label == 0, top < 0.45)
+
+
+def test_a_sample_is_labelled_the_same_alone_and_in_a_batch(labeller, generated):
+    both = labeller.probabilities(generated, (64, 64))[0]
+    alone = labeller.probabilities({k: v[1:2] for k, v in generated.items()}, (64, 64))[0]
+    torch.testing.assert_close(alone[0], both[1], atol=1e-5, rtol=0)
+
+
+def test_stored_latents_in_float16_label_like_float32(labeller, generated):
+    half = {**generated, "x_t": generated["x_t"].astype(np.float16)}
+    a = labeller.probabilities(generated, (64, 64))[0]
+    b = labeller.probabilities(half, (64, 64))[0]
+    assert (a - b).abs().max() < 0.05 and not torch.equal(a, b)
+
+
+def test_a_head_of_another_sd_is_refused(tiny_checkpoint):
+    with pytest.raises(ValueError, match="reads the features of 'tiny'"):
+        GroundingLabeller(tiny_checkpoint, model="sd15-random", device="cpu")
