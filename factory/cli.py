@@ -3,6 +3,7 @@ arguments answer at once; every user error is one line on stderr and exit status
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ import tempfile
 import click
 
 from actors.names import DEFAULT_MODEL
+from eval.protocol1 import cli as protocol1
 from factory.pipeline import FactoryError, GenerateOptions, LabelOptions
 
 log = logging.getLogger("factory")
@@ -18,6 +20,8 @@ log = logging.getLogger("factory")
 DEMO = dict(split="pascal", fold="1", subset="train", n=16, shard_size=8, model="tiny",
             batch_size=4, label_batch_size=4)
 DEMO_TRAIN = dict(steps=10, batch_size=4, report_every=5, cpus_per_worker=0.5)
+DEMO_LABEL = dict(n=8, shard_size=8, batch_size=4, label_batch_size=4)
+DEMO_TEST = {**DEMO, "subset": "test", "n": 8}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -157,15 +161,55 @@ def label(**kwargs) -> None:
 
 @cli.command()
 @click.argument("folder")
-def stats(folder: str) -> None:
-    """Counts per class (seen/unseen), empty masks, and shards done in an output FOLDER."""
-    from factory.stats import dataset_stats, format_stats
-    from factory.store import StoreError
+@click.option("--plot", default=None, help="Also draw the histograms into this PNG file.")
+def stats(folder: str, plot: str | None) -> None:
+    """Counts per class (seen/unseen), empty masks, mask-area and score histograms, and shards
+    done in an output FOLDER."""
+    from factory.stats import dataset_stats, format_stats, plot_stats
 
     try:
-        click.echo(format_stats(dataset_stats(folder)))
-    except StoreError as e:
+        s = dataset_stats(folder)
+        click.echo(format_stats(s))
+        if plot:
+            plot_stats(s, plot)
+            click.echo(f"histograms: {plot}")
+    except ValueError as e:  # StoreError, StatsError
         raise FactoryError(str(e)) from None
+
+
+@cli.command()
+@click.argument("folder")
+@click.option("--format", "fmt", required=True, help="coco | voc | parquet.")
+@click.option("--out", required=True, help="New (or empty) folder to write.")
+def export(folder: str, fmt: str, out: str) -> None:
+    """Export a `generate` or `label` output FOLDER: COCO JSON with RLE masks and images, a
+    VOC-style folder, or the Parquet shards as they are."""
+    from factory.export import export as export_folder
+
+    try:
+        r = export_folder(folder, fmt, out)
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
+    click.echo(f"exported {r.images} images ({fmt}) to {r.out}")
+
+
+@cli.command()
+@click.argument("folder")
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--n", type=int, default=16, help="Samples to draw.")
+@click.option("--classes", default=None, help="Only samples naming one of these (a,b,...).")
+def show(folder: str, out: str, n: int, classes: str | None) -> None:
+    """A contact sheet of an output FOLDER: images with each class mask in its own colour, the
+    class names and the prompt."""
+    from factory.show import contact_sheet
+
+    try:
+        tiles = contact_sheet(folder, out, n=n,
+                              classes=[c.strip() for c in classes.split(",")] if classes
+                              else None)
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
+    click.echo(f"{tiles} samples drawn to {out}")
 
 
 @cli.command()
@@ -199,30 +243,59 @@ def pairs(coco_json, voc_root, voc_image_set, split, min_count, out) -> None:
 @cli.command()
 @click.option("--out", default=None, help="Output folder [default: a new temporary folder].")
 def demo(out: str | None) -> None:
-    """The whole job on tiny random-weight models (no downloads): generate triplets (DIR/triplets,
-    with their stats), then train the grounding head on them briefly (DIR/grounding)."""
+    """The whole job on tiny random-weight models (no downloads), in DIR: generate training
+    triplets (triplets/), train the grounding head briefly (grounding/), label new images of every
+    class with it (labels/), export them (export/coco, export/voc), draw grid.png, and score the
+    head and DAAM on a small test set (test/) by Protocol I (protocol1.json, .md). A rerun
+    finishes what is missing."""
     import math
 
+    from eval.protocol1 import evaluate, write_report
+    from factory.export import export as export_folder
+    from factory.show import contact_sheet
     from factory.stats import dataset_stats, format_stats
     from train.grounding.checkpoint import latest_checkpoint, read_info
     from train.grounding.job import train
 
     out = out or tempfile.mkdtemp(prefix="factory-demo-")
-    triplets = os.path.join(out, "triplets")
+    path = functools.partial(os.path.join, out)
     click.echo(f"demo: {DEMO['n']} samples of {DEMO['split']} fold {DEMO['fold']} on tiny "
                "random-weight SD and Mask R-CNN (images and masks are noise, by design)")
-    run_generate(GenerateOptions(out=triplets, **DEMO))
-    stats = dataset_stats(triplets)
-    click.echo(format_stats(stats))
-    grounding = os.path.join(out, "grounding")
-    done = latest_checkpoint(grounding) if os.path.isdir(grounding) else None
+    run_generate(GenerateOptions(out=path("triplets"), **DEMO))
+    click.echo(format_stats(dataset_stats(path("triplets"))))
+    done = latest_checkpoint(path("grounding")) if os.path.isdir(path("grounding")) else None
     if done is None:
-        m = train(triplets, grounding, **DEMO_TRAIN).metrics
+        m = train(path("triplets"), path("grounding"), **DEMO_TRAIN).metrics
     else:  # a rerun of the demo: its head is trained already
         m = read_info(done)["metrics"]
     click.echo(f"grounding head: {m['step']} steps, loss {m['loss']:.4f}, train IoU "
                + ("n/a: no oracle mask to learn from (the random detector finds nothing)"
                   if math.isnan(m["iou"]) else f"{m['iou']:.3f}"))
+    click.echo(f"labelling {DEMO_LABEL['n']} new images of all {DEMO['split']} classes, seen and "
+               "unseen, with that head")
+    run_label(LabelOptions(out=path("labels"), checkpoint=path("grounding"), **DEMO_LABEL))
+    for fmt in ("coco", "voc"):
+        if not os.path.isdir(path("export", fmt)):
+            r = export_folder(path("labels"), fmt, path("export", fmt))
+            click.echo(f"exported {r.images} images ({fmt}) to {r.out}")
+    tiles = contact_sheet(path("labels"), path("grid.png"), n=DEMO_LABEL["n"])
+    click.echo(f"{tiles} labelled samples drawn to {path('grid.png')}")
+    run_generate(GenerateOptions(out=path("test"), **DEMO_TEST))
+    if not os.path.isfile(path("protocol1.json")):
+        report = evaluate(path("test"), path("grounding"), "daam", min_area=0.0,
+                          batch_size=DEMO["batch_size"])
+        write_report(report, path("protocol1.json"))
+    with open(path("protocol1.md"), encoding="utf-8") as f:
+        click.echo(f.read().rstrip())
+    click.echo("(random weights: the measured rows are meaningless, they show the machinery)")
+
+
+@cli.group("eval")
+def eval_group() -> None:
+    """The paper's evaluation protocols."""
+
+
+eval_group.add_command(protocol1, name="grounding")
 
 
 def main(argv: list[str] | None = None) -> None:

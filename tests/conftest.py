@@ -72,40 +72,56 @@ def spec_batch():
 KNOWN_CLASSES = ("aeroplane", "bicycle", "bird", "boat")  # seen in pascal fold 1
 
 
+def known_masks(x_t: np.ndarray, channels: list[int]) -> np.ndarray:
+    """(K, 8h, 8w) masks that are a known function of a latent: mask k covers the 8x8 pixel
+    cells where channel `channels[k]` of x_t (4, h, w) is in its top 20%."""
+    cells = [x_t[c] > np.quantile(x_t[c], 0.8) for c in channels]
+    return np.stack([np.kron(m, np.ones((8, 8), dtype=bool)) for m in cells])
+
+
+def write_triplets(root: str, generator, classes: list[tuple[str, ...]], masks_of, *,
+                   subset: str, seen: list[str], unseen: list[str]) -> str:
+    """A `factory generate`-style pascal fold-1 folder of tiny triplets, one per entry of
+    `classes` (noise seeds 100, 101, ...), with the masks `masks_of(i, x_t, classes)` gives."""
+    from actors.batch import object_column
+    from factory.prompts import prompt_for
+    from factory.schema import encode_masks, to_triplets
+    from factory.store import ShardStore
+    from factory.vocab import VOCABULARIES
+
+    n = len(classes)
+    out = generator({"prompt": np.array([prompt_for(c) for c in classes], dtype=object),
+                     "noise_seed": np.arange(n) + 100})
+    masks = [masks_of(i, x, c) for i, (x, c) in enumerate(zip(out["x_t"], classes, strict=True))]
+    vocab = VOCABULARIES["pascal"]
+    out.update(index=np.arange(n), classes=object_column([list(c) for c in classes]),
+               class_ids=object_column([[vocab.id_of(x) for x in c] for c in classes]),
+               masks=object_column([encode_masks(m) for m in masks]),
+               scores=object_column([[1.0] * len(m) for m in masks]),
+               areas=object_column([m.sum((1, 2)).tolist() for m in masks]))
+    run = {"kind": "triplets", "split": "pascal", "fold": "1", "subset": subset, "n": n,
+           "shard_size": 8, "model": "tiny", "detector": "known-masks", "steps": 5,
+           "guidance": 7.5, "feature_step": 4, "precision": "auto"}
+    store = ShardStore.create_or_resume(root, run, seen=seen, unseen=unseen)
+    table = to_triplets(out, split="pascal", fold="1", subset=subset, run_seed=0,
+                        sd_model="tiny", detector="known-masks")
+    for k in range(store.num_shards):
+        store.write_shard(k, table.slice(8 * k, 8))
+    return root
+
+
 @pytest.fixture(scope="session")
 def known_mask_data(tmp_path_factory, tiny_generator):
     """A `factory generate`-style training folder of 16 tiny triplets whose masks are a known
     function of the latent: class k of KNOWN_CLASSES covers the 8x8 latent cells where channel
     k of x_t is in its top 20%. A grounding head can learn that only through the features and
     the class embedding, so the set fails if the head, the loss or the data path is broken."""
-    from actors.batch import object_column
-    from factory.prompts import prompt_for
-    from factory.schema import encode_masks, to_triplets
-    from factory.store import ShardStore
-
     rng = np.random.default_rng(0)
     classes = [tuple(rng.choice(KNOWN_CLASSES, size=1 + i % 2, replace=False)) for i in range(16)]
-    out = tiny_generator({"prompt": np.array([prompt_for(c) for c in classes], dtype=object),
-                          "noise_seed": np.arange(16) + 100})
-    masks = []
-    for x, names in zip(out["x_t"], classes, strict=True):
-        cells = [x[KNOWN_CLASSES.index(c)] > np.quantile(x[KNOWN_CLASSES.index(c)], 0.8)
-                 for c in names]
-        masks.append(np.stack([np.kron(m, np.ones((8, 8), dtype=bool)) for m in cells]))
-    out.update(index=np.arange(16), classes=object_column([list(c) for c in classes]),
-               class_ids=object_column([[1] * len(c) for c in classes]),
-               masks=object_column([encode_masks(m) for m in masks]),
-               scores=object_column([[1.0] * len(m) for m in masks]),
-               areas=object_column([m.sum((1, 2)).tolist() for m in masks]))
-    root = str(tmp_path_factory.mktemp("known") / "data")
-    run = {"kind": "triplets", "split": "pascal", "fold": "1", "subset": "train", "n": 16,
-           "shard_size": 8, "model": "tiny", "detector": "known-masks"}
-    store = ShardStore.create_or_resume(root, run, seen=list(KNOWN_CLASSES), unseen=[])
-    table = to_triplets(out, split="pascal", fold="1", subset="train", run_seed=0,
-                        sd_model="tiny", detector="known-masks")
-    for k in range(2):
-        store.write_shard(k, table.slice(8 * k, 8))
-    return root
+    return write_triplets(
+        str(tmp_path_factory.mktemp("known") / "data"), tiny_generator, classes,
+        lambda i, x, c: known_masks(x, [KNOWN_CLASSES.index(n) for n in c]),
+        subset="train", seen=list(KNOWN_CLASSES), unseen=[])
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,67 @@ def test_label_refuses_a_folder_of_another_run(tmp_path, tiny_checkpoint, run_cl
     code, _, err = run_cli(main, ["label", "--checkpoint", tiny_checkpoint, "--out",
                                   str(tmp_path / "other")])
     assert code == 2 and "not an empty folder" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["coco", "voc", "parquet"])
+def test_label_output_exports_and_reads_back(labelled, tmp_path, fmt, run_cli):
+    """What `factory label` wrote, exported and read back with pycocotools, PIL and pandas."""
+    import pandas as pd
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    _, out, _, _ = labelled
+    rows = {r["index"]: r for r in ShardStore.open(out).read().to_pylist()}
+    dest = tmp_path / fmt
+    code, stdout, err = run_cli(main, ["export", out, "--format", fmt, "--out", str(dest)])
+    assert code == 0, err
+    if fmt == "coco":
+        coco = COCO(str(dest / "annotations.json"))
+        assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == set(NAMES)
+        for i, row in rows.items():
+            masks = decode_masks(row["masks"], 64, 64)
+            anns = {a["category_id"]: a for a in coco.loadAnns(coco.getAnnIds(imgIds=[i]))}
+            for class_id, mask in zip(row["class_ids"], masks, strict=True):
+                if mask.any():
+                    np.testing.assert_array_equal(coco.annToMask(anns[class_id]), mask)
+                else:
+                    assert class_id not in anns
+            assert (dest / "images" / f"{i:08d}.png").read_bytes() == row["image"]
+    elif fmt == "voc":
+        names = (dest / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+        assert names == [f"{i:08d}" for i in sorted(rows)]
+        for i, row in rows.items():
+            png = Image.open(dest / "SegmentationClass" / f"{i:08d}.png")
+            assert png.mode == "P"
+            np.testing.assert_array_equal(np.asarray(png), decode_label(row["label"]))
+        categories = json.loads((dest / "categories.json").read_text())
+        assert [c["name"] for c in categories] == NAMES
+    else:
+        df = pd.read_parquet(dest / "data")
+        assert sorted(df["index"]) == sorted(rows)
+        assert ShardStore.open(str(dest)).manifest == ShardStore.open(out).manifest
+
+
+@pytest.mark.parametrize("fmt, source, occupied, message", [
+    ("tfrecord", "data", False, "unknown export format 'tfrecord'"),
+    ("coco", "elsewhere", False, "not a factory output folder"),
+    ("voc", "data", True, "exists and is not an empty folder"),
+])
+def test_bad_export_input_is_one_line_and_leaves_nothing(run_cli, tmp_path, fmt, source,
+                                                         occupied, message):
+    ShardStore.create_or_resume(str(tmp_path / "data"), {"kind": "triplets", "split": "pascal",
+                                                         "n": 1, "shard_size": 1},
+                                seen=[], unseen=[])
+    (tmp_path / "elsewhere").mkdir()
+    dest = tmp_path / "dest"
+    if occupied:
+        dest.mkdir()
+        (dest / "keep.txt").write_text("mine")
+    code, _, err = run_cli(main, ["export", str(tmp_path / source), "--format", fmt,
+                                  "--out", str(dest)])
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["data", "elsewhere"] + (["dest"] if occupied else []))
+    if occupied:
+        assert [p.name for p in dest.iterdir()] == ["keep.txt"]

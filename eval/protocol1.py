@@ -1,0 +1,260 @@
+"""Protocol I (paper sec. 5.1, Table 1): open-vocabulary grounding on a synthetic test set.
+
+The test set is `factory generate --subset test`: every class of the split, seen and unseen,
+with Mask R-CNN's oracle masks. The grounding head (via `GroundingLabeller`, from the stored
+x_t) and/or the DAAM baseline (regenerating each image from its seed while recording
+cross-attention) predict a mask per prompt class; `ProtocolTable` scores them against the
+oracle by the paper's mIoU, in columns One/Seen, One/Unseen, Two/Seen, Two/Seen+Unseen,
+Two/Unseen. The paper checked its test images by hand; here samples whose oracle masks are not
+all at least `min_area` of the image are left out, and the report says how many were kept.
+
+    python -m eval.protocol1 --data TESTDIR --checkpoint CKPT --baseline daam --out report.json
+    factory eval grounding ...                                              (the same command)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import click
+import numpy as np
+
+from factory.pipeline import STAGE_CPUS, FactoryError
+
+log = logging.getLogger(__name__)
+
+HEAD, DAAM = "grounding head", "DAAM"
+BASELINES = {"daam": DAAM}
+COLUMNS = ["index", "prompt", "classes", "class_ids", "masks", "height", "width", "x_t",
+           "x_t_shape", "x_t_dtype", "t", "noise_seed", "image"]
+
+
+def kept_samples(areas: list[list[int]], height: int, width: int, min_area: float) -> np.ndarray:
+    """Which samples enter the test: every oracle mask covers at least `min_area` of the image
+    and is not empty; `min_area` 0 keeps every sample, empty masks included."""
+    if min_area <= 0:
+        return np.ones(len(areas), dtype=bool)
+    need = max(1.0, min_area * height * width)
+    return np.array([all(a >= need for a in row) for row in areas], dtype=bool)
+
+
+def eval_rows(batch: dict[str, np.ndarray], *, keep: frozenset, stored: bool
+              ) -> dict[str, np.ndarray]:
+    """Stored triplets -> the stages' inputs: kept rows only, x_t decoded, the oracle masks
+    renamed `oracle`; with `stored`, the stored image decoded for DAAM's regeneration check."""
+    from actors.batch import with_lists
+    from factory.schema import decode_latent, decode_png
+
+    rows = np.flatnonzero([int(i) in keep for i in batch["index"]])
+    batch = with_lists({k: v[rows] for k, v in batch.items()})
+    out = {k: v for k, v in batch.items()
+           if k not in ("masks", "image", "x_t", "x_t_shape", "x_t_dtype")}
+    out["oracle"] = batch["masks"]
+    out["x_t"] = np.stack([decode_latent(x, s, d).astype(np.float32) for x, s, d in
+                           zip(batch["x_t"], batch["x_t_shape"], batch["x_t_dtype"],
+                               strict=True)])                                # (B, 4, h, w)
+    if stored:
+        out["stored"] = np.stack([decode_png(p) for p in batch["image"]])    # (B, H, W, 3)
+    return out
+
+
+def renamed(batch: dict[str, np.ndarray], *, masks_to: str) -> dict[str, np.ndarray]:
+    """A stage's predicted `masks` kept as `masks_to`, out of the next stage's way; DAAM's
+    regenerated `image` compared with the stored one (max |difference| in uint8 levels)."""
+    drop = ("masks", "label") + (("image", "stored") if "image" in batch else ())
+    out = {k: v for k, v in batch.items() if k not in drop}
+    out[masks_to] = batch["masks"]
+    if "image" in batch:
+        diff = np.abs(batch["image"].astype(np.int16) - batch["stored"].astype(np.int16))
+        out["regenerated_diff"] = diff.reshape(len(diff), -1).max(1)          # (B,)
+    return out
+
+
+def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
+    """The test store and the checkpoint's info, or FactoryError."""
+    from factory.store import ShardStore
+    from train.grounding.checkpoint import latest_checkpoint, load_grounding_head
+
+    if checkpoint is None and baseline is None:
+        raise FactoryError("nothing to evaluate: give --checkpoint, --baseline or both")
+    if baseline is not None and baseline not in BASELINES:
+        raise FactoryError(f"unknown baseline {baseline!r}: one of {', '.join(BASELINES)}")
+    try:
+        store = ShardStore.open(data)
+        run = store.manifest["run"]
+        if run.get("kind") != "triplets" or run.get("subset") != "test":
+            raise ValueError(f"{data!r} is not a test set: make one with `factory generate "
+                             "--subset test`")
+        if not store.done():
+            raise ValueError(f"{data!r} holds no finished shard")
+        info = None
+        if checkpoint is not None:
+            folder = latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
+            if folder is None:
+                raise ValueError(f"no grounding-head checkpoint in {checkpoint!r}")
+            _, info = load_grounding_head(folder)
+            info["folder"] = os.path.abspath(folder)
+            for key in ("split", "fold", "model"):
+                if str(info.get(key)) != str(run[key]):
+                    raise ValueError(f"the checkpoint was trained for {key} {info.get(key)!r}; "
+                                     f"the test set is {key} {run[key]!r}")
+    except (ValueError, OSError) as e:
+        raise FactoryError(str(e)) from None
+    return store, info
+
+
+def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = None, *,
+             min_area: float = 0.01, threshold: float = 0.5, daam_threshold: float = 0.4,
+             batch_size: int = 8, head_gpus: float | None = None,
+             daam_gpus: float | None = None, address: str | None = None) -> dict:
+    """Run the methods over the test set; returns the report (table, counts, settings)."""
+    from eval.table import PAPER_TABLE1_AVERAGES, ProtocolTable
+    from factory.schema import decode_masks
+
+    store, info = check_inputs(data, checkpoint, baseline)
+    run = store.manifest["run"]
+    for name, value in (("batch size", batch_size),):
+        if value <= 0:
+            raise FactoryError(f"{name} must be > 0, got {value}")
+    if not 0 <= min_area < 1:
+        raise FactoryError(f"min area must lie in [0, 1), got {min_area}")
+    meta = store.read(columns=["index", "areas", "height", "width"])
+    if meta.num_rows == 0:
+        raise FactoryError(f"{data!r} is empty")
+    h, w = meta.column("height")[0].as_py(), meta.column("width")[0].as_py()
+    keep = kept_samples(meta.column("areas").to_pylist(), h, w, min_area)
+    kept = frozenset(np.asarray(meta.column("index"))[keep].tolist())
+    if not kept:
+        raise FactoryError(f"no sample of {data!r} has every oracle mask >= {min_area:g} of the "
+                           "image: lower --min-area (0 keeps all)")
+    log.info("%d of %d test samples kept (every oracle mask >= %g of the image)",
+             len(kept), meta.num_rows, min_area)
+    methods = ([HEAD] if info is not None else []) + ([BASELINES[baseline]] if baseline else [])
+    table = ProtocolTable(methods, store.manifest["seen"], store.manifest["unseen"])
+    start = time.perf_counter()
+    ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
+                  head_gpus, daam_gpus, address)
+    diffs: list[int] = []
+    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in block.to_pylist():
+            gt = decode_masks(row["oracle"], row["height"], row["width"])
+            for method, column in ((HEAD, "head_masks"), (DAAM, "daam_masks")):
+                if method in methods:
+                    pred = decode_masks(row[column], row["height"], row["width"])
+                    table.update(method, row["classes"], pred, gt)
+            if "regenerated_diff" in row:
+                diffs.append(row["regenerated_diff"])
+    report = {
+        "data": os.path.abspath(data), "split": run["split"], "fold": run["fold"],
+        "model": run["model"], "checkpoint": info["folder"] if info else None,
+        "checkpoint_step": info.get("step") if info else None,
+        "samples": meta.num_rows, "kept": len(kept), "min_area": min_area,
+        "threshold": threshold, "daam_threshold": daam_threshold if baseline else None,
+        "seconds": time.perf_counter() - start,
+        **json.loads(table.to_json()),
+        "paper_reference": PAPER_TABLE1_AVERAGES.get(run["split"]),
+        "markdown": table.to_markdown(PAPER_TABLE1_AVERAGES.get(run["split"])),
+    }
+    if diffs:  # DAAM regenerates each image: it must be the stored sample
+        report["daam_regenerated"] = {"equal": int(sum(d == 0 for d in diffs)),
+                                      "max_uint8_diff": int(max(diffs)), "of": len(diffs)}
+    return report
+
+
+def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size, head_gpus,
+             daam_gpus, address):
+    import ray
+
+    from factory.pipeline import _check_stage_resources, connect_ray
+
+    connect_ray(address)
+    _check_stage_resources()
+    run = store.manifest["run"]
+    gpus = ray.cluster_resources().get("GPU", 0)
+    share = min(1.0, gpus / ((info is not None) + (baseline is not None))) if gpus else 0.0
+    ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
+          .map_batches(eval_rows, fn_kwargs={"keep": kept, "stored": baseline is not None},
+                       num_cpus=STAGE_CPUS))
+    if info is not None:
+        from actors.grounding_labeller import GroundingLabeller
+
+        ds = (ds.map_batches(GroundingLabeller,
+                             fn_constructor_kwargs=dict(checkpoint=info["folder"],
+                                                        threshold=threshold),
+                             batch_size=batch_size, num_cpus=STAGE_CPUS,
+                             num_gpus=share if head_gpus is None else head_gpus,
+                             resources={"label": 1}, compute=ray.data.ActorPoolStrategy(size=1))
+              .map_batches(renamed, fn_kwargs={"masks_to": "head_masks"}, num_cpus=STAGE_CPUS))
+    if baseline is not None:
+        from eval.daam import DAAMLabeller
+
+        precision = None if run["precision"] == "auto" else run["precision"]
+        ds = (ds.map_batches(DAAMLabeller,
+                             fn_constructor_kwargs=dict(model=run["model"], steps=run["steps"],
+                                                        guidance=run["guidance"],
+                                                        threshold=daam_threshold,
+                                                        precision=precision),
+                             batch_size=batch_size, num_cpus=STAGE_CPUS,
+                             num_gpus=share if daam_gpus is None else daam_gpus,
+                             resources={"gen": 1}, compute=ray.data.ActorPoolStrategy(size=1))
+              .map_batches(renamed, fn_kwargs={"masks_to": "daam_masks"}, num_cpus=STAGE_CPUS))
+    return ds.select_columns(["classes", "oracle", "height", "width"]
+                             + (["head_masks"] if info is not None else [])
+                             + (["daam_masks", "regenerated_diff"] if baseline else []))
+
+
+def write_report(report: dict, out: str) -> tuple[str, str]:
+    """The report as JSON at `out` and Markdown beside it (same name, .md)."""
+    md = os.path.splitext(out)[0] + ".md"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    body = {k: v for k, v in report.items() if k != "markdown"}
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(body, f, indent=2, allow_nan=False, default=lambda v: None)
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(f"# Protocol I: {report['split']} fold {report['fold']}, {report['kept']} of "
+                f"{report['samples']} test samples\n\n{report['markdown']}\n\nRows marked "
+                "(paper) are the paper's Table 1 averages, not measured here.\n")
+    return out, md
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", required=True, help="`factory generate --subset test` output folder.")
+@click.option("--checkpoint", default=None,
+              help="Grounding-head checkpoint (or training --out) of the data's split and fold.")
+@click.option("--baseline", default=None, help="Baseline to run beside the head: daam.")
+@click.option("--out", default=None, help="Report JSON (and .md beside it) [default: print].")
+@click.option("--min-area", type=float, default=0.01,
+              help="Keep samples whose oracle masks all cover this share of the image (0: all).")
+@click.option("--threshold", type=float, default=0.5, help="Grounding-head mask threshold.")
+@click.option("--daam-threshold", type=float, default=0.4,
+              help="DAAM: threshold on the normalised heat map.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--head-gpus", type=float, default=None, help="GPUs of the head's actor.")
+@click.option("--daam-gpus", type=float, default=None, help="GPUs of DAAM's actor.")
+@click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
+def cli(out: str | None, **kwargs) -> None:
+    """Protocol I: the grounding head and/or DAAM against the oracle masks of a test set."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = evaluate(**kwargs)
+    click.echo(f"Protocol I, {report['split']} fold {report['fold']}: {report['kept']} of "
+               f"{report['samples']} test samples, mIoU (%)")
+    click.echo(report["markdown"])
+    if report.get("daam_regenerated"):
+        r = report["daam_regenerated"]
+        click.echo(f"DAAM regenerated {r['equal']} of {r['of']} images exactly (max difference "
+                   f"{r['max_uint8_diff']} uint8 levels)")
+    if out:
+        click.echo("report: " + ", ".join(write_report(report, out)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from factory.cli import run_command
+
+    run_command(cli, argv, prog_name="python -m eval.protocol1")
+
+
+if __name__ == "__main__":
+    main()
