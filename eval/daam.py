@@ -108,7 +108,7 @@ class AttentionSums:
         probs = probs.view(B, attn.heads, *probs.shape[1:])                  # (B, heads, N, 77)
         index = self.tokens[:, None, None, :].expand(*probs.shape[:3], T)
         picked = probs.gather(3, index).transpose(2, 3)                      # (B, heads, T, N)
-        self.sums[name] = self.sums[name] + picked if name in self.sums else picked
+        self.sums.setdefault(name, torch.zeros_like(picked)).add_(picked)
 
     def token_maps(self, latent_hw: tuple[int, int]) -> Tensor:
         """(B, T, h, w): each layer's and head's time-summed map upsampled (bicubic) to the
@@ -129,11 +129,12 @@ class AttentionSums:
 def layer_hw(n: int, h: int, w: int) -> tuple[int, int]:
     """(rows, cols) of a layer's flattened map of n pixels: the latent's h x w halved, rounding
     up as SD's stride-2 convolutions do, until it has n pixels."""
-    while h * w > n:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != n:
+    rows, cols = h, w
+    while rows * cols > n:
+        rows, cols = -(-rows // 2), -(-cols // 2)
+    if rows * cols != n:
         raise ValueError(f"a map of {n} pixels is no downsampling of the {h}x{w} latent")
-    return h, w
+    return rows, cols
 
 
 class CrossAttentionRecorder:

@@ -130,8 +130,9 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     if not kept:
         raise FactoryError(f"no sample of {data!r} has every oracle mask >= {min_area:g} of the "
                            "image: lower --min-area (0 keeps all)")
-    log.info("%d of %d test samples kept (every oracle mask >= %g of the image)",
-             len(kept), meta.num_rows, min_area)
+    log.info("%d of %d test samples kept (%s)", len(kept), meta.num_rows,
+             f"every oracle mask >= {min_area:g} of the image" if min_area > 0 else
+             "--min-area 0: all, empty masks included")
     methods = ([HEAD] if info is not None else []) + ([BASELINES[baseline]] if baseline else [])
     table = ProtocolTable(methods, store.manifest["seen"], store.manifest["unseen"])
     start = time.perf_counter()

@@ -198,13 +198,14 @@ def export(folder: str, fmt: str, out: str) -> None:
 @click.option("--out", required=True, help="PNG file to write.")
 @click.option("--n", type=int, default=16, help="Samples to draw.")
 @click.option("--classes", default=None, help="Only samples naming one of these (a,b,...).")
-def show(folder: str, out: str, n: int, classes: str | None) -> None:
+@click.option("--tile", type=int, default=256, help="Tile size in pixels.")
+def show(folder: str, out: str, n: int, classes: str | None, tile: int) -> None:
     """A contact sheet of an output FOLDER: images with each class mask in its own colour, the
     class names and the prompt."""
     from factory.show import contact_sheet
 
     try:
-        tiles = contact_sheet(folder, out, n=n,
+        tiles = contact_sheet(folder, out, n=n, tile=tile,
                               classes=[c.strip() for c in classes.split(",")] if classes
                               else None)
     except ValueError as e:

@@ -73,7 +73,6 @@ def export(root: str, fmt: str, out: str) -> ExportResult:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-    log.info("exported %d images of %s as %s to %s", images, root, fmt, out)
     return ExportResult(out, fmt, images, annotations)
 
 

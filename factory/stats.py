@@ -57,9 +57,10 @@ class Stats:
         return sum(c.samples for c in self.per_class.values())
 
     def listed(self) -> list[str]:
-        """The classes shown: all seen ones, and unseen ones with samples or in a test set."""
+        """The classes shown: all seen ones, and unseen ones with samples or in a test or label
+        set (which draw every class)."""
         return [n for n in self.seen + self.unseen
-                if n in self.seen or self.run["subset"] == "test"
+                if n in self.seen or self.run["subset"] != "train"
                 or self.per_class.get(n, ClassStats()).samples]
 
 

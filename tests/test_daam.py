@@ -138,6 +138,18 @@ def test_recorder_keeps_the_output_and_sums_the_conditional_probabilities():
     torch.testing.assert_close(sums.sums["layer"], 2 * want)    # (B, heads, T, N)
 
 
+def test_recording_wraps_the_fused_processors_of_the_gpu_path(batch, labelled):
+    out, (_, heats) = labelled
+    daam = DAAMLabeller("tiny", steps=STEPS)  # its own UNet: the shared fixture stays unfused
+    daam.generator.pipe.unet.fuse_qkv_projections()  # what SDGenerator does on a GPU
+    images, fused = daam.heat_maps(batch)
+    plain = daam.generator({"prompt": batch["prompt"], "noise_seed": batch["noise_seed"]})
+    np.testing.assert_array_equal(images, plain["image"])
+    np.testing.assert_allclose(images, out["image"], atol=1)
+    for a, b in zip(fused, heats, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize(("n", "latent", "hw"), [(64, (8, 8), (8, 8)), (4, (8, 8), (2, 2)),
                                                  (20, (8, 10), (4, 5)), (16, (7, 7), (4, 4))])
 def test_layer_maps_unflatten_to_their_downsampled_size(n, latent, hw):

@@ -94,13 +94,27 @@ def test_samples_do_not_depend_on_shard_or_batch_size(ray_local, first_run, tmp_
         assert np.abs(decode_png(x).astype(int) - decode_png(y)).max() <= 1
 
 
-def test_demo_generates_trains_and_can_run_again(ray_local, tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path / "demo")])
+def test_demo_runs_the_whole_chain_and_can_run_again(ray_local, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    demo = tmp_path / "demo"
+    main(["demo", "--out", str(demo)])
     text = capsys.readouterr().out
     assert "wrote 16 samples (2 shards)" in text
     assert "shards 2/2 done, samples 16/16" in text
     assert "grounding head: 10 steps, loss" in text
-    assert ShardStore.open(str(tmp_path / "demo" / "triplets")).manifest["run"]["model"] == "tiny"
-    main(["demo", "--out", str(tmp_path / "demo")])
+    assert ShardStore.open(str(demo / "triplets")).manifest["run"]["model"] == "tiny"
+    labels = ShardStore.open(str(demo / "labels"))
+    assert labels.kind == "segmentation" and len(labels.read(["index"])) == 8
+    assert len(json.loads((demo / "export" / "coco" / "annotations.json").read_text())[
+        "images"]) == 8
+    assert len(list((demo / "export" / "voc" / "SegmentationClass").iterdir())) == 8
+    assert Image.open(demo / "grid.png").size == (3 * 256, 3 * 256)  # 8 tiles, 3 a row
+    report = json.loads((demo / "protocol1.json").read_text())
+    assert report["kept"] == 8 and set(report["rows"]) == {"grounding head", "DAAM"}
+    assert "| grounding head |" in text and "meaningless" in text
+    main(["demo", "--out", str(demo)])
     text = capsys.readouterr().out
-    assert "nothing to do: all 2 shards" in text and "grounding head: 10 steps" in text
+    assert text.count("nothing to do: all") == 3 and "grounding head: 10 steps" in text

@@ -55,13 +55,14 @@ def test_samples_land_in_their_columns_and_empty_masks_are_filtered(report):
 def test_the_table_is_the_stages_masks_scored_against_the_oracle(report, test_set,
                                                                 tiny_checkpoint):
     """The same head, run here without Ray on the kept samples, gives the same table row."""
+    from actors.batch import object_column
     from actors.grounding_labeller import GroundingLabeller
     from eval.protocol1 import eval_rows
     from factory.store import ShardStore
 
     r, _ = report
-    batch = {k: np.array(v, dtype=object) if k in ("classes", "class_ids", "masks") else
-             np.array(v) for k, v in ShardStore.open(test_set).read().to_pydict().items()}
+    batch = {k: object_column(v) if isinstance(v[0], list) else np.array(v)
+             for k, v in ShardStore.open(test_set).read().to_pydict().items()}
     batch = eval_rows(batch, keep=frozenset(range(7)), stored=False)
     out = GroundingLabeller(tiny_checkpoint, device="cpu")(batch)
     table = ProtocolTable([HEAD], SPLIT.seen, SPLIT.unseen)
