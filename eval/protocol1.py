@@ -46,16 +46,14 @@ def eval_rows(batch: dict[str, np.ndarray], *, keep: frozenset, stored: bool
     """Stored triplets -> the stages' inputs: kept rows only, x_t decoded, the oracle masks
     renamed `oracle`; with `stored`, the stored image decoded for DAAM's regeneration check."""
     from actors.batch import with_lists
-    from factory.schema import decode_latent, decode_png
+    from factory.schema import decode_latents, decode_png
 
     rows = np.flatnonzero([int(i) in keep for i in batch["index"]])
     batch = with_lists({k: v[rows] for k, v in batch.items()})
     out = {k: v for k, v in batch.items()
            if k not in ("masks", "image", "x_t", "x_t_shape", "x_t_dtype")}
     out["oracle"] = batch["masks"]
-    out["x_t"] = np.stack([decode_latent(x, s, d).astype(np.float32) for x, s, d in
-                           zip(batch["x_t"], batch["x_t_shape"], batch["x_t_dtype"],
-                               strict=True)])                                # (B, 4, h, w)
+    out["x_t"] = decode_latents(batch)                                      # (B, 4, h, w)
     if stored:
         out["stored"] = np.stack([decode_png(p) for p in batch["image"]])    # (B, H, W, 3)
     return out
@@ -76,7 +74,7 @@ def renamed(batch: dict[str, np.ndarray], *, masks_to: str) -> dict[str, np.ndar
 def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
     """The test store and the checkpoint's info, or FactoryError."""
     from factory.store import ShardStore
-    from train.grounding.checkpoint import latest_checkpoint, load_grounding_head
+    from train.grounding.checkpoint import TRAINED_FOR, load_grounding_head
 
     if checkpoint is None and baseline is None:
         raise FactoryError("nothing to evaluate: give --checkpoint, --baseline or both")
@@ -92,14 +90,10 @@ def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
             raise ValueError(f"{data!r} holds no finished shard")
         info = None
         if checkpoint is not None:
-            folder = latest_checkpoint(checkpoint) if os.path.isdir(checkpoint) else None
-            if folder is None:
-                raise ValueError(f"no grounding-head checkpoint in {checkpoint!r}")
-            _, info = load_grounding_head(folder)
-            info["folder"] = os.path.abspath(folder)
-            for key in ("split", "fold", "model"):
-                if str(info.get(key)) != str(run[key]):
-                    raise ValueError(f"the checkpoint was trained for {key} {info.get(key)!r}; "
+            _, info = load_grounding_head(checkpoint)
+            for key in TRAINED_FOR:
+                if str(info[key]) != str(run[key]):
+                    raise ValueError(f"the checkpoint was trained for {key} {info[key]!r}; "
                                      f"the test set is {key} {run[key]!r}")
     except (ValueError, OSError) as e:
         raise FactoryError(str(e)) from None
@@ -116,9 +110,8 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
 
     store, info = check_inputs(data, checkpoint, baseline)
     run = store.manifest["run"]
-    for name, value in (("batch size", batch_size),):
-        if value <= 0:
-            raise FactoryError(f"{name} must be > 0, got {value}")
+    if batch_size <= 0:
+        raise FactoryError(f"batch size must be > 0, got {batch_size}")
     if not 0 <= min_area < 1:
         raise FactoryError(f"min area must lie in [0, 1), got {min_area}")
     meta = store.read(columns=["index", "areas", "height", "width"])
@@ -169,13 +162,12 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
              daam_gpus, address):
     import ray
 
-    from factory.pipeline import _check_stage_resources, connect_ray
+    from factory.pipeline import check_stage_resources, connect_ray, gpu_share
 
     connect_ray(address)
-    _check_stage_resources()
+    check_stage_resources()
     run = store.manifest["run"]
-    gpus = ray.cluster_resources().get("GPU", 0)
-    share = min(1.0, gpus / ((info is not None) + (baseline is not None))) if gpus else 0.0
+    share = gpu_share((info is not None) + (baseline is not None))
     ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
           .map_batches(eval_rows, fn_kwargs={"keep": kept, "stored": baseline is not None},
                        num_cpus=STAGE_CPUS))

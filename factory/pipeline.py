@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,8 @@ from factory.store import ShardStore
 
 log = logging.getLogger(__name__)
 
+UNIFORM_PAIRS_NOTICE = ("notice: no --pairs file, so two-class prompts pair classes uniformly "
+                        "(the paper uses co-appearing pairs: make a file with `factory pairs`)")
 STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
 # must fit two actor pools plus the spec and record tasks without deadlocking.
 
@@ -115,7 +117,7 @@ class Labeller:
     kwargs: dict
     to_rows: Callable
     rows_kwargs: dict
-    keep: Callable | None = field(default=None)  # table -> bool mask of rows to write
+    keep: Callable | None = None  # table -> bool mask of rows to write
 
 
 def _file_sha256(path: str) -> str:
@@ -199,21 +201,16 @@ def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
     from actors.grounding_labeller import check_band
     from factory.pairs import read_pairs
     from factory.vocab import get_split, open_vocabulary, read_vocabulary_file
-    from train.grounding.checkpoint import HEAD_WEIGHTS, latest_checkpoint, load_grounding_head
+    from train.grounding.checkpoint import HEAD_WEIGHTS, load_grounding_head
 
     try:
         if not o.checkpoint:
             raise ValueError("--checkpoint is required")
-        folder = latest_checkpoint(o.checkpoint) if os.path.isdir(o.checkpoint) else None
-        if folder is None:
-            raise ValueError(f"no grounding-head checkpoint in {o.checkpoint!r}")
-        _, info = load_grounding_head(folder)
-        missing = [k for k in ("split", "fold", "model") if k not in info]
-        if missing:
-            raise ValueError(f"the checkpoint {folder!r} does not say its {', '.join(missing)}")
-        for name, given, trained in (("split", o.split, info.get("split")),
-                                     ("fold", o.fold, info.get("fold")),
-                                     ("SD model", o.model, info.get("model"))):
+        _, info = load_grounding_head(o.checkpoint)
+        folder = info["folder"]
+        for name, given, trained in (("split", o.split, info["split"]),
+                                     ("fold", o.fold, info["fold"]),
+                                     ("SD model", o.model, info["model"])):
             if given is not None and str(given) != str(trained):
                 raise ValueError(f"the checkpoint {folder!r} was trained for {name} "
                                  f"{trained!r}, not {given!r}")
@@ -249,7 +246,7 @@ def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
         }
         store = ShardStore.create_or_resume(
             o.out, run,
-            models={"sd": info["model"], "checkpoint": os.path.abspath(folder),
+            models={"sd": info["model"], "checkpoint": folder,
                     "head": {k: info.get(k) for k in ("split", "fold", "step", "seen")}},
             pairs={"source": "file" if pairs else "uniform" if plan.test_pairs else "none",
                    "path": o.pairs or o.vocab, "count": len(plan.test_pairs)},
@@ -304,11 +301,16 @@ def connect_ray(address: str | None) -> None:
         ray.init(resources={"gen": 1024, "label": 1024}, include_dashboard=False)
 
 
-def _gpu_shares(o: RunOptions) -> tuple[float, float]:
+def gpu_share(actors: int) -> float:
+    """GPUs per actor when `actors` actors split the cluster's GPUs evenly, at most 1."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
-    share = min(1.0, gpus / (o.generators + o.labellers)) if gpus else 0.0
+    return min(1.0, gpus / actors) if gpus else 0.0
+
+
+def _gpu_shares(o: RunOptions) -> tuple[float, float]:
+    share = gpu_share(o.generators + o.labellers)
     return (share if o.gen_gpus is None else o.gen_gpus,
             share if o.label_gpus is None else o.label_gpus)
 
@@ -349,8 +351,7 @@ def generate(o: GenerateOptions) -> RunResult:
 
     plan, store = prepare(o)
     if plan.pairs is None:
-        log.warning("notice: no --pairs file, so two-class prompts pair classes uniformly (the "
-                    "paper uses co-appearing pairs: make a file with `factory pairs`)")
+        log.warning(UNIFORM_PAIRS_NOTICE)
     run = store.manifest["run"]
     labeller = Labeller(
         MaskRCNNLabeller,
@@ -368,8 +369,7 @@ def label(o: LabelOptions) -> RunResult:
 
     plan, store = prepare_label(o)
     if store.manifest["pairs"]["source"] == "uniform":
-        log.warning("notice: no --pairs file, so two-class prompts pair classes uniformly (the "
-                    "paper uses co-appearing pairs: make a file with `factory pairs`)")
+        log.warning(UNIFORM_PAIRS_NOTICE)
     elif store.manifest["pairs"]["source"] == "none":
         log.warning("notice: the open vocabulary names no pairs, so every prompt names one "
                     "class (add 'a, b' lines to a --vocab file for two-class prompts)")
@@ -399,13 +399,13 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
     connect_ray(o.address)
-    _check_stage_resources()
+    check_stage_resources()
     ds = build_dataset(o, plan, store, todo, labeller)
     written, dropped = _write_shards(ds, store, len(todo), start, labeller.keep)
     return RunResult(written, len(todo), skipped, time.perf_counter() - start, o.out, dropped)
 
 
-def _check_stage_resources() -> None:
+def check_stage_resources() -> None:
     import ray
 
     have = ray.cluster_resources()

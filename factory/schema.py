@@ -104,6 +104,13 @@ def decode_latent(data: bytes, shape, dtype: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(tuple(int(s) for s in shape))
 
 
+def decode_latents(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """A batch's stored x_t, x_t_shape, x_t_dtype columns -> (B, 4, h, w) float32, what the
+    feature extractor takes."""
+    return np.stack([decode_latent(x, s, d).astype(np.float32) for x, s, d in
+                     zip(batch["x_t"], batch["x_t_shape"], batch["x_t_dtype"], strict=True)])
+
+
 def _sample_columns(batch: dict[str, np.ndarray], *, split: str, fold: str, subset: str,
                     run_seed: int, sd_model: str) -> dict[str, list]:
     """The columns both schemas share, from the SD generator's and a labeller's outputs."""

@@ -21,6 +21,7 @@ import torch
 from train.grounding.model import GroundingHead, GroundingHeadConfig
 
 HEAD_WEIGHTS, HEAD_INFO, TRAIN_STATE = "head.pt", "head.json", "train.pt"
+TRAINED_FOR = ("split", "fold", "model")  # what a head is usable with: its features and classes
 
 
 class CheckpointError(ValueError):
@@ -54,7 +55,8 @@ def latest_checkpoint(path: str) -> str | None:
 def load_grounding_head(path: str, device: str | torch.device = "cpu"
                         ) -> tuple[GroundingHead, dict]:
     """The head of a checkpoint folder, or of a training `--out` folder's latest checkpoint, in
-    eval mode, with its info (config, split, fold, model, step)."""
+    eval mode, with its info (config, split, fold, model, step, and `folder`, the checkpoint
+    folder's absolute path)."""
     folder = latest_checkpoint(path)
     if folder is None:
         raise CheckpointError(f"no grounding-head checkpoint ({HEAD_INFO}) in {path!r}")
@@ -69,4 +71,7 @@ def load_grounding_head(path: str, device: str | torch.device = "cpu"
             pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load the checkpoint in {folder!r}: {first}") from None
-    return head.to(device).eval(), info
+    missing = [k for k in TRAINED_FOR if k not in info]
+    if missing:
+        raise CheckpointError(f"the checkpoint {folder!r} does not say its {', '.join(missing)}")
+    return head.to(device).eval(), {**info, "folder": os.path.abspath(folder)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from actors.batch import object_column
-from factory.schema import decode_latent, decode_masks
+from factory.schema import decode_latents, decode_masks
 from factory.store import ShardStore
 
 MAX_CLASSES = 2  # prompts name one or two classes
@@ -44,8 +44,6 @@ def training_batch(batch: dict[str, np.ndarray], *, seen: list[str]) -> dict[str
         classes[i][:len(names)] = names
         masks[i, :len(names)] = decode_masks(list(batch["masks"][i]), h, w)
         valid[i, :len(names)] = [c in seen_set for c in names]
-    x_t = np.stack([decode_latent(x, s, d).astype(np.float32) for x, s, d in
-                    zip(batch["x_t"], batch["x_t_shape"], batch["x_t_dtype"], strict=True)])
-    return {"x_t": x_t, "t": np.asarray(batch["t"], dtype=np.int64),
+    return {"x_t": decode_latents(batch), "t": np.asarray(batch["t"], dtype=np.int64),
             "prompt": np.asarray(batch["prompt"], dtype=object), "classes": object_column(classes),
             "masks": masks, "valid": valid}

@@ -44,11 +44,10 @@ class FrozenSD:
         cond, uncond = encode_prompts(self.pipe, [str(p) for p in batch["prompt"]])
         return self.extractor(x_t, t, cond, uncond)
 
-    def class_embeddings(self, names: list[list[str]], k: int | None = None
-                         ) -> tuple[Tensor, Tensor]:
+    def class_embeddings(self, names: list[list[str]]) -> tuple[Tensor, Tensor]:
         """Per sample a list of class names ("" = padding) -> embeddings B x K x D and valid
-        B x K (a real name), padded to K = `k` or the longest list."""
-        k = k or max(map(len, names))
+        B x K (a real name), padded to the longest list."""
+        k = max(map(len, names))
         rows = [list(r) + [""] * (k - len(r)) for r in names]
         flat = [n for row in rows for n in row if n]
         emb = dict(zip(flat, self.embedder(flat), strict=True)) if flat else {}
