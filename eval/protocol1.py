@@ -22,7 +22,8 @@ import time
 import click
 import numpy as np
 
-from factory.pipeline import STAGE_CPUS, FactoryError
+from factory.errors import FactoryError
+from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,10 @@ def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
 
 def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = None, *,
              min_area: float = 0.01, threshold: float = 0.5, daam_threshold: float = 0.4,
-             batch_size: int = 8, head_gpus: float | None = None,
-             daam_gpus: float | None = None, address: str | None = None) -> dict:
+             batch_size: int = 8, head_actors: str | int = "auto",
+             daam_actors: str | int = "auto", head_gpus: float | None = None,
+             daam_gpus: float | None = None, address: str | None = None,
+             placement_timeout: float | None = None) -> dict:
     """Run the methods over the test set; returns the report (table, counts, settings)."""
     from eval.table import PAPER_TABLE1_AVERAGES, ProtocolTable
     from factory.schema import decode_masks
@@ -129,8 +132,14 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     methods = ([HEAD] if info is not None else []) + ([BASELINES[baseline]] if baseline else [])
     table = ProtocolTable(methods, store.manifest["seen"], store.manifest["unseen"])
     start = time.perf_counter()
+    try:
+        pool_sizes = {"labeller": parse_pool_size(head_actors, "head actors"),
+                      "generator": parse_pool_size(daam_actors, "DAAM actors")}
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
     ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
-                  head_gpus, daam_gpus, address)
+                  pool_sizes, {"labeller": head_gpus, "generator": daam_gpus}, address,
+                  placement_timeout)
     diffs: list[int] = []
     for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         for row in block.to_pylist():
@@ -158,28 +167,36 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     return report
 
 
-def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size, head_gpus,
-             daam_gpus, address):
+def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size, sizes, gpus,
+             address, placement_timeout):
+    """Test rows in blocks of `batch_size` -> the head's pool (on `label` slots) and/or DAAM's
+    (on `gen` slots, as it regenerates images), sized like `factory generate`'s pools."""
     import ray
 
-    from factory.pipeline import check_stage_resources, connect_ray, gpu_share
+    from factory.pipeline import PLACEMENT_TIMEOUT
+    from factory.pools import ClusterView, connect_ray, size_pools, wait_for_placement
 
     connect_ray(address)
-    check_stage_resources()
     run = store.manifest["run"]
-    share = gpu_share((info is not None) + (baseline is not None))
+    kinds = (("labeller",) if info is not None else ()) + (("generator",) if baseline else ())
+    units = -(-len(kept) // batch_size)
+    pools = size_pools(ClusterView.current(), units, generators=sizes["generator"],
+                       labellers=sizes["labeller"],
+                       labeller_images_per_s=IMAGES_PER_S["grounding head"],
+                       gen_gpus=gpus["generator"], label_gpus=gpus["labeller"], kinds=kinds)
+    wait_for_placement(pools, placement_timeout
+                       or PLACEMENT_TIMEOUT["cluster" if address else "local"])
     ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
           .map_batches(eval_rows, fn_kwargs={"keep": kept, "stored": baseline is not None},
-                       num_cpus=STAGE_CPUS))
+                       num_cpus=STAGE_CPUS)
+          .repartition(target_num_rows_per_block=batch_size))
     if info is not None:
         from actors.grounding_labeller import GroundingLabeller
 
         ds = (ds.map_batches(GroundingLabeller,
                              fn_constructor_kwargs=dict(checkpoint=info["folder"],
                                                         threshold=threshold),
-                             batch_size=batch_size, num_cpus=STAGE_CPUS,
-                             num_gpus=share if head_gpus is None else head_gpus,
-                             resources={"label": 1}, compute=ray.data.ActorPoolStrategy(size=1))
+                             batch_size=batch_size, **pools["labeller"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "head_masks"}, num_cpus=STAGE_CPUS))
     if baseline is not None:
         from eval.daam import DAAMLabeller
@@ -190,9 +207,7 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
                                                         guidance=run["guidance"],
                                                         threshold=daam_threshold,
                                                         precision=precision),
-                             batch_size=batch_size, num_cpus=STAGE_CPUS,
-                             num_gpus=share if daam_gpus is None else daam_gpus,
-                             resources={"gen": 1}, compute=ray.data.ActorPoolStrategy(size=1))
+                             batch_size=batch_size, **pools["generator"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "daam_masks"}, num_cpus=STAGE_CPUS))
     return ds.select_columns(["classes", "oracle", "height", "width"]
                              + (["head_masks"] if info is not None else [])
@@ -225,9 +240,18 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 @click.option("--daam-threshold", type=float, default=0.4,
               help="DAAM: threshold on the normalised heat map.")
 @click.option("--batch-size", type=int, default=8)
-@click.option("--head-gpus", type=float, default=None, help="GPUs of the head's actor.")
-@click.option("--daam-gpus", type=float, default=None, help="GPUs of DAAM's actor.")
+@click.option("--head-actors", default="auto",
+              help="Grounding-head actors (on `label` slots): a number, or auto (sized like "
+                   "`factory label`'s labellers).")
+@click.option("--daam-actors", default="auto",
+              help="DAAM actors (on `gen` slots: it regenerates each image): a number, or auto "
+                   "(one per gen slot, growing as gen nodes join).")
+@click.option("--head-gpus", type=float, default=None, help="GPUs per head actor.")
+@click.option("--daam-gpus", type=float, default=None, help="GPUs per DAAM actor.")
 @click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
+@click.option("--placement-timeout", type=float, default=None,
+              help="Seconds the pools may wait for nodes [default: 600 on a cluster, 10 "
+                   "locally].")
 def cli(out: str | None, **kwargs) -> None:
     """Protocol I: the grounding head and/or DAAM against the oracle masks of a test set."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -13,7 +13,8 @@ import click
 
 from actors.names import DEFAULT_MODEL
 from eval.protocol1 import cli as protocol1
-from factory.pipeline import FactoryError, GenerateOptions, LabelOptions
+from factory.errors import FactoryError
+from factory.pipeline import GenerateOptions, LabelOptions
 
 log = logging.getLogger("factory")
 
@@ -40,7 +41,9 @@ def options(*opts):
 
 
 STORE_OPTIONS = [
-    click.option("--out", required=True, help="Output folder (new, empty, or this run's)."),
+    click.option("--out", required=True,
+                 help="Output folder (new, empty, or this run's): a path, or a URI such as "
+                      "s3://BUCKET/DIR that every node can write."),
     click.option("--seed", type=int, default=0, help="Run seed."),
     click.option("--shard-size", type=int, default=256, help="Samples per Parquet shard."),
 ]
@@ -57,13 +60,21 @@ SD_OPTIONS = [
 ]
 POOL_OPTIONS = [
     click.option("--label-batch-size", type=int, default=8, help="Images per labeller call."),
-    click.option("--generators", type=int, default=1, help="SD generator actors."),
-    click.option("--labellers", type=int, default=1, help="Labeller actors."),
+    click.option("--generators", default="auto",
+                 help="SD generator actors: a number, or auto (one per GPU that carries `gen`, "
+                      "growing as gen nodes join)."),
+    click.option("--labellers", default="auto",
+                 help="Labeller actors: a number, or auto (from the measured speed ratio of "
+                      "labeller and generator, at least 1)."),
     click.option("--gen-gpus", type=float, default=None,
-                 help="GPUs per generator [default: a share of the cluster's, at most 1]."),
-    click.option("--label-gpus", type=float, default=None, help="GPUs per labeller."),
+                 help="GPUs per generator [default: 1, or 0.8 where labellers share the node]."),
+    click.option("--label-gpus", type=float, default=None,
+                 help="GPUs per labeller [default: 1, or 0.2 on a node with generators]."),
     click.option("--address", default=None,
-                 help="Ray cluster address [default: start a local Ray]."),
+                 help="Ray cluster address, e.g. auto [default: start a local Ray]."),
+    click.option("--placement-timeout", type=float, default=None,
+                 help="Seconds the pools may wait for nodes before the run is refused "
+                      "[default: 600 on a cluster, 10 on a local Ray]."),
 ]
 
 

@@ -1,16 +1,18 @@
 """`factory generate` and `factory label` as one Ray Data pipeline: sample specs -> SD generator
-pool -> labeller pool -> Parquet shards. `generate` labels with Mask R-CNN (training and test
-triplets), `label` with a trained grounding head (the synthetic segmentation set). This module
-wires stages; the models live in `actors/`.
+pool -> labeller pool -> Parquet shards written by the workers. `generate` labels with Mask R-CNN
+(training and test triplets), `label` with a trained grounding head (the synthetic segmentation
+set). This module checks the options and wires stages; the models live in `actors/`, the pools'
+sizing and placement in `factory/pools.py`, the shard writer in `factory/writer.py`.
 
-Each stage asks for its own custom resource (`gen`, `label`) besides its GPU share, so that on a
-cluster the pools land on their own node groups; on one machine a local Ray gets both resources
-and the GPUs are shared.
+Work is cut into units of a fixed grid over the sample indices, a few batches each and smaller
+than a shard, so that the last wave of a run leaves no GPU idle for long. Every unit is exactly
+`unit` rows (the last one runs past n; rows outside the planned shards are dropped by the
+writer), so Ray Data hands each stage one whole unit per call and a unit's batches, hence its
+outputs, are the same in every run, resumed or disturbed.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import logging
 import os
@@ -19,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.names import DEFAULT_MODEL, TINY
+from factory.errors import FactoryError
+from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 from factory.prompts import SamplePlan
 from factory.store import ShardStore
 
@@ -30,12 +33,7 @@ log = logging.getLogger(__name__)
 
 UNIFORM_PAIRS_NOTICE = ("notice: no --pairs file, so two-class prompts pair classes uniformly "
                         "(the paper uses co-appearing pairs: make a file with `factory pairs`)")
-STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
-# must fit two actor pools plus the spec and record tasks without deadlocking.
-
-
-class FactoryError(Exception):
-    """Bad input or an unusable environment, reported to the user in one line."""
+PLACEMENT_TIMEOUT = {"cluster": 600.0, "local": 10.0}  # seconds a pool may wait to be placed
 
 
 @dataclass
@@ -55,11 +53,12 @@ class RunOptions:
     compile: bool = False
     batch_size: int = 8
     label_batch_size: int = 8
-    generators: int = 1
-    labellers: int = 1
-    gen_gpus: float | None = None  # None: a share of the cluster's GPUs, at most 1
+    generators: str | int = "auto"  # auto: one per `gen` slot, growing as gen nodes join
+    labellers: str | int = "auto"  # auto: from the measured ratio of the stages' speeds
+    gen_gpus: float | None = None  # None: 1, or a share where labellers run on the same nodes
     label_gpus: float | None = None
     address: str | None = None
+    placement_timeout: float | None = None  # None: 600 s on a cluster, 10 s on a local Ray
 
 
 @dataclass
@@ -103,6 +102,8 @@ class RunResult:
     seconds: float
     out: str
     dropped: int = 0  # samples left out by --min-quality in this call
+    busy: dict[str, float | None] | None = None  # stage -> busy fraction of its actors' time
+    pools: dict[str, tuple[int, int]] | None = None  # stage -> (min, max) actors
 
     @property
     def images_per_s(self) -> float:
@@ -117,6 +118,7 @@ class Labeller:
     kwargs: dict
     to_rows: Callable
     rows_kwargs: dict
+    images_per_s: float  # measured speed, for sizing `auto` pools against the generators
     keep: Callable | None = None  # table -> bool mask of rows to write
 
 
@@ -133,10 +135,13 @@ def _check_run(o: RunOptions, plan: SamplePlan, model: str) -> int:
     if n is None:
         raise ValueError(f"--n is required for subset {plan.subset!r}")
     for name, value in (("n", n), ("shard size", o.shard_size), ("steps", o.steps),
-                        ("batch size", o.batch_size), ("generators", o.generators),
-                        ("labellers", o.labellers), ("label batch size", o.label_batch_size)):
+                        ("batch size", o.batch_size), ("label batch size", o.label_batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
+    parse_pool_size(o.generators, "generators")
+    parse_pool_size(o.labellers, "labellers")
+    if o.placement_timeout is not None and o.placement_timeout <= 0:
+        raise ValueError(f"placement timeout must be > 0 seconds, got {o.placement_timeout}")
     if o.feature_step is not None and not 0 <= o.feature_step < o.steps:
         raise ValueError(f"feature step must lie in [0, {o.steps}), got {o.feature_step}")
     if o.precision is not None:
@@ -268,13 +273,26 @@ def _pairs_id(path: str | None, pairs: tuple | None, plan: SamplePlan) -> str | 
     return "uniform" if plan.test_pairs else "none"
 
 
-def shard_specs(batch: dict[str, np.ndarray], *, plan: SamplePlan, store: ShardStore
-                ) -> dict[str, np.ndarray]:
-    """Shard ids -> one row per sample of those shards: index, prompt, classes, noise seed."""
+def work_units(store: ShardStore, shards: list[int], unit: int) -> np.ndarray:
+    """The units of the grid [j * unit, (j + 1) * unit) that hold samples of `shards`, as
+    (K, 2) [first, end) ranges of unit ids: a handful of numbers however large n is."""
+    spans = []
+    for k in shards:
+        rows = store.shard_rows(k)
+        first, end = rows.start // unit, -(-rows.stop // unit)
+        if spans and first <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([first, end])
+    return np.array(spans, dtype=np.int64).reshape(-1, 2)
+
+
+def unit_specs(plan: SamplePlan, u: int, unit: int) -> dict[str, np.ndarray]:
+    """Work unit u -> one row per sample of it: index, prompt, classes, class ids, noise seed."""
     from actors.batch import object_column
 
     vocab = plan.split.vocab
-    specs = [plan.sample(i) for k in batch["shard"] for i in store.shard_rows(int(k))]
+    specs = [plan.sample(i) for i in range(u * unit, (u + 1) * unit)]
     return {
         "index": np.array([s.index for s in specs], dtype=np.int64),
         "prompt": np.array([s.prompt for s in specs], dtype=object),
@@ -284,63 +302,63 @@ def shard_specs(batch: dict[str, np.ndarray], *, plan: SamplePlan, store: ShardS
     }
 
 
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at `address`, or start a local Ray with both stage resources."""
-    if address is None:
-        # Local workers share this interpreter. Ray's `uv run` hook (meant for clusters, read
-        # when ray is first imported) would instead copy the working folder, outputs and all,
-        # and build a virtual environment from it for every session.
-        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
+def work_unit_source(plan: SamplePlan, spans: np.ndarray, unit: int):
+    """The run's work units as a Ray Data source: one read task, making one block of specs, per
+    unit. (Read tasks of `ray.data.range` take a whole CPU each, which a node that runs
+    fractional-CPU actors may never have free.)"""
+    import functools
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(resources={"gen": 1024, "label": 1024}, include_dashboard=False)
+    from ray.data.block import BlockAccessor, BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
 
+    def read(u: int):
+        return [BlockAccessor.batch_to_block(unit_specs(plan, u, unit))]
 
-def gpu_share(actors: int) -> float:
-    """GPUs per actor when `actors` actors split the cluster's GPUs evenly, at most 1."""
-    import ray
+    class WorkUnits(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    return min(1.0, gpus / actors) if gpus else 0.0
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None,
+                           data_context=None) -> list:
+            meta = BlockMetadata(num_rows=unit, size_bytes=None, input_files=None,
+                                 exec_stats=None)
+            return [ReadTask(functools.partial(read, u), meta,
+                             per_task_row_limit=per_task_row_limit)
+                    for first, end in spans for u in range(int(first), int(end))]
 
-
-def _gpu_shares(o: RunOptions) -> tuple[float, float]:
-    share = gpu_share(o.generators + o.labellers)
-    return (share if o.gen_gpus is None else o.gen_gpus,
-            share if o.label_gpus is None else o.label_gpus)
+    return WorkUnits()
 
 
-def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, shards: list[int],
-                  labeller: Labeller):
+def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.ndarray,
+                  unit: int, labeller: Labeller, pools: dict, counter=None):
+    """The run's Ray Data graph: unit ids -> specs -> generator pool -> labeller pool -> rows
+    (with the stages' tags for the writer)."""
     import ray
 
     from actors.sd_generator import SDGenerator
+    from factory.pools import PoolStage
+    from factory.writer import tagged_rows
 
     run = store.manifest["run"]
-    gen_gpus, label_gpus = _gpu_shares(o)
+    units = int((spans[:, 1] - spans[:, 0]).sum())
+    gen, lab = pools["generator"], pools["labeller"]
     return (
-        ray.data.from_items([{"shard": k} for k in shards], override_num_blocks=len(shards))
-        .map_batches(shard_specs, fn_kwargs={"plan": plan, "store": store}, batch_size=1,
-                     num_cpus=STAGE_CPUS)
+        ray.data.read_datasource(work_unit_source(plan, spans, unit), num_cpus=STAGE_CPUS,
+                                 override_num_blocks=units)
         .map_batches(
-            SDGenerator,
-            fn_constructor_kwargs=dict(model=run["model"], steps=o.steps, guidance=o.guidance,
-                                       feature_step=run["feature_step"], precision=o.precision,
-                                       compile=o.compile),
-            batch_size=o.batch_size, num_cpus=STAGE_CPUS, num_gpus=gen_gpus,
-            resources={"gen": 1}, compute=ray.data.ActorPoolStrategy(size=o.generators))
+            PoolStage, batch_size=unit, **gen.ray_args(), fn_constructor_kwargs=dict(
+                stage=SDGenerator, batch_size=o.batch_size, name="generator", progress=counter,
+                kwargs=dict(model=run["model"], steps=o.steps, guidance=o.guidance,
+                            feature_step=run["feature_step"], precision=o.precision,
+                            compile=o.compile)))
         .map_batches(
-            labeller.cls, fn_constructor_kwargs=labeller.kwargs,
-            batch_size=o.label_batch_size, num_cpus=STAGE_CPUS, num_gpus=label_gpus,
-            resources={"label": 1}, compute=ray.data.ActorPoolStrategy(size=o.labellers))
-        .map_batches(labeller.to_rows, fn_kwargs=dict(
-            split=run["split"], fold=run["fold"], subset=run["subset"], run_seed=o.seed,
-            sd_model=run["model"], **labeller.rows_kwargs), batch_size=None, num_cpus=STAGE_CPUS)
+            PoolStage, batch_size=unit, **lab.ray_args(), fn_constructor_kwargs=dict(
+                stage=labeller.cls, kwargs=labeller.kwargs, batch_size=o.label_batch_size,
+                name="labeller", progress=counter))
+        .map_batches(tagged_rows, fn_kwargs=dict(
+            to_rows=labeller.to_rows, split=run["split"], fold=run["fold"],
+            subset=run["subset"], run_seed=o.seed, sd_model=run["model"],
+            **labeller.rows_kwargs), batch_size=None, num_cpus=STAGE_CPUS)
     )
 
 
@@ -357,7 +375,7 @@ def generate(o: GenerateOptions) -> RunResult:
         MaskRCNNLabeller,
         dict(vocab=o.split, detector=run["detector"], weights=o.detector_weights,
              oracle=o.oracle, score_threshold=o.score_threshold),
-        to_triplets, dict(detector=run["detector"]))
+        to_triplets, dict(detector=run["detector"]), IMAGES_PER_S["mask r-cnn"])
     return _run(o, plan, store, labeller)
 
 
@@ -379,17 +397,22 @@ def label(o: LabelOptions) -> RunResult:
         GroundingLabeller,
         dict(checkpoint=checkpoint, model=run["model"], threshold=o.threshold,
              ignore_band=tuple(run["ignore_band"]) if run["ignore_band"] else None),
-        to_segmentation, dict(checkpoint=checkpoint),
+        to_segmentation, dict(checkpoint=checkpoint), IMAGES_PER_S["grounding head"],
         keep=(lambda t: pc.greater_equal(t.column("quality"), run["min_quality"]))
         if run["min_quality"] > 0 else None)
-    if store.repair_dropped():
-        log.info("recorded the dropped samples of shards an interrupted run finished")
     return _run(o, plan, store, labeller)
 
 
 def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller) -> RunResult:
+    from factory.console import LOG_FILE, Progress, StageCounter, ray_logs_to
+    from factory.pools import (ClusterView, connect_ray, probe_output, size_pools,
+                               wait_for_placement)
+    from factory.writer import write_shards
+
     if store.remove_partial():
         log.info("removed temporary files of an interrupted run")
+    if store.repair():
+        log.info("recorded the shards an interrupted run finished")
     todo = store.todo()
     skipped = store.num_shards - len(todo)
     if skipped:
@@ -399,51 +422,40 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
     connect_ray(o.address)
-    check_stage_resources()
-    ds = build_dataset(o, plan, store, todo, labeller)
-    written, dropped = _write_shards(ds, store, len(todo), start, labeller.keep)
-    return RunResult(written, len(todo), skipped, time.perf_counter() - start, o.out, dropped)
-
-
-def check_stage_resources() -> None:
     import ray
 
-    have = ray.cluster_resources()
-    missing = [r for r in ("gen", "label") if have.get(r, 0) < 1]
-    if missing:
-        raise FactoryError(
-            f"the Ray cluster has no {' or '.join(repr(r) for r in missing)} resource: start "
-            "generator nodes with --resources='{\"gen\": N}' and labeller nodes with "
-            "--resources='{\"label\": N}' (N = their GPUs)")
+    with ray_logs_to(store.root) as console:
+        unit = max(o.batch_size, o.label_batch_size)
+        spans = work_units(store, todo, unit)
+        units = int((spans[:, 1] - spans[:, 0]).sum())
+        pools = size_pools(ClusterView.current(), units,
+                           generators=parse_pool_size(o.generators, "generators"),
+                           labellers=parse_pool_size(o.labellers, "labellers"),
+                           labeller_images_per_s=labeller.images_per_s,
+                           gen_gpus=o.gen_gpus, label_gpus=o.label_gpus)
+        timeout = o.placement_timeout or PLACEMENT_TIMEOUT["cluster" if o.address else "local"]
+        wait_for_placement(pools, timeout)
+        probe_output(store.root)
+        log.info("%d shards in %d work units of %d; pools: %s; Ray's log: %s", len(todo), units,
+                 unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
+                                 p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
+                                 for p in pools.values()), f"{store.root}/{LOG_FILE}")
+        counter = ray.remote(num_cpus=0)(StageCounter).remote()
+        planned = sum(len(store.shard_rows(k)) for k in todo)
+        progress = Progress({"generator": units * unit, "labeller": units * unit,
+                             "written": planned},
+                            {"generator": "SD generator", "labeller": labeller.cls.__name__,
+                             "written": "shards written"}, stream=console)
 
+        def show(w, force=False):
+            if force or progress.due():
+                progress.show({**ray.get(counter.counts.remote()),
+                               "written": w.written + w.dropped})
 
-def _write_shards(ds, store: ShardStore, todo: int, start: float,
-                  keep: Callable | None = None) -> tuple[int, int]:
-    """Collect the pipeline's rows by shard in the driver and write each shard once complete,
-    leaving out (and recording) the rows `keep` rejects. Returns (written, dropped)."""
-    parts: dict[int, list[pa.Table]] = collections.defaultdict(list)
-    rows: collections.Counter = collections.Counter()
-    written = dropped = shards_done = 0
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        shard_of = block.column("index").to_numpy() // store.shard_size
-        for k in np.unique(shard_of):
-            part = block.take(np.flatnonzero(shard_of == k))
-            parts[int(k)].append(part)
-            rows[int(k)] += part.num_rows
-            if rows[int(k)] == len(store.shard_rows(int(k))):
-                table = pa.concat_tables(parts.pop(int(k))).cast(store.schema)
-                out: list[int] = []
-                if keep is not None:
-                    mask = keep(table)
-                    out = table.filter(pc.invert(mask)).column("index").to_pylist()
-                    table = table.filter(mask)
-                store.write_shard(int(k), table, out)
-                written += table.num_rows
-                dropped += len(out)
-                shards_done += 1
-                log.info("shard %d written (%d/%d this run, %d samples, %d dropped, "
-                         "%.2f images/s)", k, shards_done, todo, written, dropped,
-                         (written + dropped) / (time.perf_counter() - start))
-    if parts:  # every spec row must come back exactly once
-        raise RuntimeError(f"pipeline ended with incomplete shards {sorted(parts)}")
-    return written, dropped
+        ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
+        w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
+        show(w, force=True)
+        ray.kill(counter)
+    return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
+                     w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
+                     pools={p.kind: (p.min_size, p.max_size) for p in pools.values()})

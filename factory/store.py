@@ -1,24 +1,32 @@
 """An output folder: `manifest.json` plus fixed-size Parquet shards in `data/`, each written
 atomically. `data/` holds nothing else, so pandas, Ray Data, DuckDB or HF datasets read it as is.
 
-Shard k holds samples [k * shard_size, (k + 1) * shard_size) sorted by index. It is written to a
-hidden temporary file and renamed into place, so a shard file exists only when complete; a rerun
-with the same run arguments writes only the missing shards, and the result is the same files as
-an uninterrupted run. The manifest's `run` block is what defines the data: a rerun whose `run`
-differs is refused rather than mixed in.
+The folder is a local path, a shared mount or a URI that pyarrow's filesystem layer opens
+(`s3://`, `gs://`, `file://`): every node of a Ray cluster writes its shards there itself.
+
+Shard k holds samples [k * shard_size, (k + 1) * shard_size) sorted by index. On a filesystem it
+is written to a hidden temporary file and renamed into place; on an object store it is one PUT
+at its final key, which appears only when complete. Either way a shard file exists only when
+whole; a rerun with the same run arguments writes only the missing shards, and the result is the
+same files as an uninterrupted run. The manifest's `run` block is what defines the data: a rerun
+whose `run` differs is refused rather than mixed in. Its `shards` block records each finished
+shard's rows, bytes, SHA-256 and the Ray node that wrote it.
 """
 
 from __future__ import annotations
 
 import datetime
-import glob
+import functools
+import hashlib
 import json
 import os
+import posixpath
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from factory.schema import SCHEMA_VERSION, SCHEMAS
@@ -26,6 +34,7 @@ from factory.schema import SCHEMA_VERSION, SCHEMAS
 MANIFEST = "manifest.json"
 DATA = "data"  # shards live here, apart from the manifest
 PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
+TEMP_PREFIX = ".shard-"  # hidden temporary shard files: `.shard-...parquet.tmp-XXXXXXXX`
 
 
 class StoreError(ValueError):
@@ -42,10 +51,104 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def open_location(root: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of an output location: a URI pyarrow opens (s3://, gs://,
+    file://) or a local path (made absolute: workers on other nodes have other working dirs)."""
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+def location_root(root: str) -> str:
+    """`root` as every process should name it: URIs as given, local paths absolute."""
+    return root.rstrip("/") if "://" in root else os.path.abspath(root)
+
+
+def _is_object_store(fs: pafs.FileSystem) -> bool:
+    """Object stores have no rename, but a PUT appears whole at its key or not at all."""
+    return fs.type_name in ("s3", "gcs")
+
+
+def put_atomic(fs: pafs.FileSystem, path: str, data) -> None:
+    """Write `data` (bytes or a pyarrow Buffer) so that `path` never exists half-written: a
+    hidden temporary file renamed into place, or one PUT on an object store."""
+    if _is_object_store(fs):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    folder, name = posixpath.split(path)
+    tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a run's shards go and which samples each holds: all a worker needs to write one."""
+
+    root: str  # location_root form
+    n: int
+    shard_size: int
+    kind: str  # "triplets" | "segmentation"
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def shard_rows(self, k: int) -> range:
+        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+
+    def shard_of(self, index: int) -> int:
+        return index // self.shard_size
+
+    @property
+    def schema(self) -> pa.Schema:
+        return SCHEMAS[self.kind]
+
+    def shard_name(self, k: int) -> str:
+        return f"shard-{k:05d}-of-{self.num_shards:05d}.parquet"
+
+    @functools.cached_property
+    def _location(self) -> tuple[pafs.FileSystem, str]:
+        return open_location(self.root)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self._location[0]
+
+    def fs_path(self, *parts: str) -> str:
+        """A path inside the output location, as `fs` names it."""
+        return posixpath.join(self._location[1], *parts)
+
+    def write(self, k: int, table: pa.Table, dropped: list[int] = ()) -> dict:
+        """Write shard k atomically; its rows and the `dropped` indices must be exactly the
+        shard's sample indices. Returns the shard's record: rows, bytes, sha256, dropped."""
+        table = table.sort_by("index")
+        if sorted([*table.column("index").to_pylist(), *dropped]) != list(self.shard_rows(k)):
+            raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
+                             f"got {table.num_rows} rows and {len(dropped)} dropped")
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        data = buf.getvalue()
+        put_atomic(self.fs, self.fs_path(DATA, self.shard_name(k)), data)
+        return {"rows": table.num_rows, "bytes": data.size,
+                "sha256": hashlib.sha256(data).hexdigest(), "dropped": sorted(dropped)}
+
+
 @dataclass(frozen=True)
 class ShardStore:
     root: str
     manifest: dict
+
+    @property
+    def layout(self) -> ShardLayout:
+        run = self.manifest["run"]
+        return ShardLayout(self.root, run["n"], run["shard_size"], run["kind"])
 
     @property
     def n(self) -> int:
@@ -57,10 +160,10 @@ class ShardStore:
 
     @property
     def num_shards(self) -> int:
-        return -(-self.n // self.shard_size)
+        return self.layout.num_shards
 
     def shard_rows(self, k: int) -> range:
-        return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
+        return self.layout.shard_rows(k)
 
     @property
     def kind(self) -> str:
@@ -89,14 +192,32 @@ class ShardStore:
         return sorted(i for v in self.manifest.get("dropped", {}).values() for i in v)
 
     @property
+    def shards(self) -> dict[int, dict]:
+        """The manifest's record of each finished shard: rows, bytes, sha256, node (the Ray node
+        that wrote it), generators and labellers (the nodes whose actors made its rows)."""
+        return {int(k): v for k, v in self.manifest.get("shards", {}).items()}
+
+    @property
     def data_dir(self) -> str:
-        return os.path.join(self.root, DATA)
+        return self._join(DATA)
+
+    def _join(self, *parts: str) -> str:
+        if "://" in self.root:
+            return "/".join((self.root, *parts))
+        return os.path.join(self.root, *parts)
 
     def shard_path(self, k: int) -> str:
-        return os.path.join(self.data_dir, f"shard-{k:05d}-of-{self.num_shards:05d}.parquet")
+        return self._join(DATA, self.layout.shard_name(k))
+
+    def _data_files(self) -> list[str]:
+        layout = self.layout
+        infos = layout.fs.get_file_info(pafs.FileSelector(layout.fs_path(DATA),
+                                                          allow_not_found=True))
+        return [i.base_name for i in infos if i.type == pafs.FileType.File]
 
     def done(self) -> list[int]:
-        return [k for k in range(self.num_shards) if os.path.exists(self.shard_path(k))]
+        names = set(self._data_files())
+        return [k for k in range(self.num_shards) if self.layout.shard_name(k) in names]
 
     def todo(self) -> list[int]:
         done = set(self.done())
@@ -106,80 +227,82 @@ class ShardStore:
         return [self.shard_path(k) for k in self.done()]
 
     def write_shard(self, k: int, table: pa.Table, dropped: list[int] = ()) -> str:
-        """Write shard k atomically; its rows and the `dropped` indices must be exactly the
-        shard's sample indices. Dropped indices are recorded in the manifest."""
-        table = table.sort_by("index")
-        if sorted([*table.column("index").to_pylist(), *dropped]) != list(self.shard_rows(k)):
-            raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
-                             f"got {table.num_rows} rows and {len(dropped)} dropped")
-        path = self.shard_path(k)
-        tmp = os.path.join(self.data_dir, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if dropped:
-            self._record_dropped({k: sorted(dropped)})
-        return path
+        """Write shard k atomically from this process and record it (see ShardLayout.write)."""
+        self.record_shards({k: self.layout.write(k, table, dropped)})
+        return self.shard_path(k)
 
-    def _record_dropped(self, per_shard: dict[int, list[int]]) -> None:
+    def record_shards(self, records: dict[int, dict]) -> None:
+        """Enter finished shards in the manifest: their records, and their dropped samples."""
+        shards = self.manifest.setdefault("shards", {})
         dropped = self.manifest.setdefault("dropped", {})
-        dropped.update({str(k): [int(i) for i in v] for k, v in per_shard.items()})
+        for k, record in records.items():
+            record = dict(record)
+            lost = record.pop("dropped", [])
+            if lost:
+                dropped[str(k)] = [int(i) for i in lost]
+            else:
+                dropped.pop(str(k), None)
+            shards[str(k)] = record
         self.manifest["dropped_count"] = sum(len(v) for v in dropped.values())
         self._write_manifest()
 
-    def repair_dropped(self) -> int:
-        """Record the dropped samples of finished shards that a crash between writing a shard and
-        updating the manifest left unrecorded (a shard's missing indices are its dropped ones);
-        returns how many shards were mended."""
-        known = self.manifest.get("dropped", {})
-        missing = {}
+    def repair(self) -> int:
+        """Record the finished shards a crash between writing a shard and updating the manifest
+        left unrecorded (also the shards of folders made before shards were recorded): rows,
+        bytes and checksum from the file, dropped samples as the shard's missing indices.
+        Returns how many shards were mended."""
+        known = self.shards
+        layout = self.layout
+        records = {}
         for k in self.done():
-            if str(k) not in known:
-                have = pq.read_table(self.shard_path(k), columns=["index"]).column("index")
-                lost = sorted(set(self.shard_rows(k)) - set(have.to_pylist()))
-                if lost:
-                    missing[k] = lost
-        if missing:
-            self._record_dropped(missing)
-        return len(missing)
+            if k in known:
+                continue
+            with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
+                data = f.read()
+            have = pq.read_table(pa.BufferReader(data), columns=["index"]).column("index")
+            lost = sorted(set(self.shard_rows(k)) - set(have.to_pylist()))
+            records[k] = {"rows": len(have), "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest(), "node": None,
+                          "dropped": lost}
+        if records:
+            self.record_shards(records)
+        return len(records)
 
     def _write_manifest(self) -> None:
-        tmp = os.path.join(self.root, f".{MANIFEST}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.manifest, f, indent=2)
-        os.replace(tmp, os.path.join(self.root, MANIFEST))
+        layout = self.layout
+        put_atomic(layout.fs, layout.fs_path(MANIFEST),
+                   json.dumps(self.manifest, indent=2).encode("utf-8"))
 
     def remove_partial(self) -> int:
         """Delete temporary files a crashed run left behind; returns how many."""
-        stale = glob.glob(os.path.join(self.data_dir, ".shard-*.tmp-*"))
-        for p in stale:
-            os.remove(p)
+        stale = [n for n in self._data_files() if n.startswith(TEMP_PREFIX) and ".tmp-" in n]
+        for name in stale:
+            self.layout.fs.delete_file(self.layout.fs_path(DATA, name))
         return len(stale)
 
     @classmethod
     def open(cls, root: str) -> ShardStore:
         """An existing output folder (for reading)."""
-        path = os.path.join(root, MANIFEST)
-        if not os.path.isfile(path):
+        fs, base = open_location(root)
+        path = posixpath.join(base, MANIFEST)
+        if fs.get_file_info(path).type != pafs.FileType.File:
             raise StoreError(f"{root!r} is not a factory output folder (no {MANIFEST})")
         try:
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
+            with fs.open_input_stream(path) as f:
+                manifest = json.loads(f.read().decode("utf-8"))
         except (OSError, ValueError) as e:
-            raise StoreError(f"cannot read {path!r}: {e}") from None
+            raise StoreError(f"cannot read {root}/{MANIFEST}: {e}") from None
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{root!r} has schema version {manifest.get('schema_version')}; "
                              f"this factory reads version {SCHEMA_VERSION}")
-        return cls(root, manifest)
+        return cls(location_root(root), manifest)
 
     @classmethod
     def create_or_resume(cls, root: str, run: dict, **info) -> ShardStore:
         """The folder for `run`: new (empty or absent folder) or an earlier run of the same
         arguments. `info` (models, pairs, ...) is recorded in a new manifest, not compared."""
-        if os.path.isfile(os.path.join(root, MANIFEST)):
+        fs, base = open_location(root)
+        if fs.get_file_info(posixpath.join(base, MANIFEST)).type == pafs.FileType.File:
             store = cls.open(root)
             differ = sorted(k for k in set(run) | set(store.manifest["run"])
                             if run.get(k) != store.manifest["run"].get(k))
@@ -188,7 +311,10 @@ class ShardStore:
                                   for k in differ)
                 raise StoreError(f"{root!r} holds another run ({shown}): use a new --out folder")
             return store
-        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        kind = fs.get_file_info(base).type
+        if kind == pafs.FileType.File or (
+                kind == pafs.FileType.Directory
+                and fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))):
             raise StoreError(f"{root!r} exists and is not an empty folder or a factory output")
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -197,15 +323,18 @@ class ShardStore:
             "packages": package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        os.makedirs(os.path.join(root, DATA), exist_ok=True)
-        store = cls(root, manifest)
+        fs.create_dir(posixpath.join(base, DATA), recursive=True)
+        store = cls(location_root(root), manifest)
         store._write_manifest()
         return store
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """All finished shards as one table (only `columns`, if given)."""
-        paths = self.shard_paths()
-        if not paths:
+        done = self.done()
+        if not done:
             names = self.schema.names if columns is None else columns
             return pa.schema([self.schema.field(c) for c in names]).empty_table()
-        return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+        layout = self.layout
+        return pa.concat_tables(
+            pq.read_table(layout.fs_path(DATA, layout.shard_name(k)), columns=columns,
+                          filesystem=layout.fs) for k in done)

@@ -17,7 +17,7 @@ def ray_local():
     import ray
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    ray.init(num_cpus=2, resources={"gen": 4, "label": 4}, include_dashboard=False,
+    ray.init(num_cpus=2, resources={"gen": 1, "label": 1}, include_dashboard=False,
              _temp_dir=temp, logging_level="WARNING")
     yield ray
     ray.shutdown()

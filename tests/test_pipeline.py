@@ -34,7 +34,7 @@ def first_run(ray_local, tmp_path_factory):
 def test_generate_writes_every_sample_once_in_shards_pandas_and_ray_read(ray_local, first_run):
     out, tables = first_run
     assert sorted(tables) == [0, 1]
-    assert sorted(os.listdir(out)) == ["data", "manifest.json"]
+    assert sorted(os.listdir(out)) == ["data", "factory.log", "manifest.json"]
     data = os.path.join(out, "data")
     assert sorted(os.listdir(data)) == [
         "shard-00000-of-00002.parquet", "shard-00001-of-00002.parquet"]

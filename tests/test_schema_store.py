@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,15 +81,39 @@ def test_shards_are_fixed_ranges_and_written_whole(tmp_path):
     assert store.done() == [2]
 
 
+class HalfWrite:
+    """A local filesystem whose writes stop half-way, as on a full disk."""
+
+    def __init__(self):
+        self.fs = pafs.LocalFileSystem()
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path):
+        stream = self.fs.open_output_stream(path)
+
+        class Stream:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+            def write(self, data):
+                stream.write(b"PAR1 half a file")
+                raise OSError("disk full")
+
+        return Stream()
+
+
 def test_a_crash_while_writing_leaves_no_shard_and_no_temp_file(tmp_path, monkeypatch):
+    import factory.store
+
     store = make_store(tmp_path)
     table = to_triplets(stage_batch([0, 1, 2, 3])[0], **META)
-
-    def crash(table, path, **kw):
-        open(path, "wb").write(b"PAR1 half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(pq, "write_table", crash)
+    monkeypatch.setattr(factory.store, "open_location",
+                        lambda root: (HalfWrite(), os.path.abspath(root)))
     with pytest.raises(OSError, match="disk full"):
         store.write_shard(0, table)
     assert sorted(os.listdir(store.root)) == [DATA, MANIFEST] and not os.listdir(store.data_dir)

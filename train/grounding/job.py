@@ -17,7 +17,7 @@ import time
 import click
 import numpy as np
 
-from factory.pipeline import FactoryError
+from factory.errors import FactoryError
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from factory.pipeline import connect_ray
+    from factory.pools import connect_ray
 
     connect_ray(address)
     check_placement(num_workers, use_gpu, cpus_per_worker)

@@ -1,0 +1,136 @@
+"""A quiet console for long runs: Ray's own logs go to a file in the output folder, and the run
+prints one progress line per stage (rows done, images/s, ETA), rewritten in place on a terminal
+and repeated every `interval` seconds elsewhere (job logs)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import time
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "factory.log"
+
+
+@contextlib.contextmanager
+def ray_logs_to(root: str):
+    """While open, Ray's output goes to `root/factory.log` instead of the console: its Python
+    loggers (ray, ray.data, ray.train, ...) and, as Ray's C++ core writes to the process's
+    stderr directly, file descriptor 2 itself. Python's own console handlers (this program's
+    messages) and the progress lines keep the real stderr, which the context yields. Ray Data
+    draws no progress bars meanwhile. For a URI `root` the log is kept in a local temporary
+    file and uploaded when the run ends."""
+    from ray.data import DataContext
+
+    from factory.store import open_location, put_atomic
+
+    uri = "://" in root
+    path = (tempfile.mkstemp(prefix="factory-", suffix=".log")[1] if uri
+            else os.path.join(root, LOG_FILE))
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger("ray")] + [
+        logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+        if name.startswith("ray.") and logging.getLogger(name).handlers]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [h for h in lg.handlers if isinstance(h, logging.FileHandler)] + [handler]
+        lg.propagate = False
+    ctx = DataContext.get_current()
+    bars = (ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
+    sys.stderr.flush()
+    real_fd = os.dup(2)
+    console = os.fdopen(os.dup(real_fd), "w", buffering=1)
+    moved = [(h, h.stream) for h in logging.root.handlers
+             if type(h) is logging.StreamHandler and _fd(h.stream) == 2]
+    for h, _ in moved:
+        h.setStream(console)
+    os.dup2(handler.stream.fileno(), 2)
+    try:
+        yield console
+    finally:
+        os.dup2(real_fd, 2)
+        os.close(real_fd)
+        for h, stream in moved:
+            h.setStream(stream)
+        console.close()
+        ctx.enable_progress_bars, ctx.print_on_execution_start = bars
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+        if uri:
+            fs, base = open_location(root)
+            with open(path, "rb") as f:
+                put_atomic(fs, f"{base}/{LOG_FILE}", f.read())
+            os.remove(path)
+
+
+def _fd(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError):  # pytest's capture streams have no descriptor
+        return None
+
+
+class StageCounter:
+    """A tiny Ray actor the pool stages tell how many rows they finished."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def add(self, stage: str, n: int) -> None:
+        self.rows[stage] = self.rows.get(stage, 0) + n
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "--:--"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """One line per stage: `label  done/total rows  rate images/s  ETA`."""
+
+    def __init__(self, totals: dict[str, int], labels: dict[str, str], *,
+                 interval: float = 30.0, stream=None) -> None:
+        self.totals, self.labels, self.interval = totals, labels, interval
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.shown = time.perf_counter()
+        self.drawn = 0  # lines on screen to rewrite (terminal only)
+
+    def lines(self, done: dict[str, int]) -> list[str]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = []
+        for key, label in self.labels.items():
+            rows, total = done.get(key, 0), self.totals[key]
+            rate = rows / elapsed
+            eta = (total - rows) / rate if rate else float("inf")
+            out.append(f"{label:<18} {rows:>8}/{total} rows  {rate:7.2f} images/s  "
+                       f"ETA {_duration(eta)}")
+        return out
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.shown >= (1.0 if self.tty else self.interval)
+
+    def show(self, done: dict[str, int]) -> None:
+        self.shown = time.perf_counter()
+        lines = self.lines(done)
+        if self.tty:
+            up = f"\x1b[{self.drawn}F" if self.drawn else ""
+            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+            self.stream.flush()
+            self.drawn = len(lines)
+        else:
+            for line in lines:
+                log.info(line)

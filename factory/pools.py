@@ -1,0 +1,311 @@
+"""The Ray side of a run's actor pools: joining the cluster, sizing the pools from it, making
+sure they can be placed, and the wrapper that runs a stage class inside a pool.
+
+Each pool asks for its own custom resource besides its GPU share: generator-type pools (the SD
+generator, DAAM) `gen`, labeller-type pools (Mask R-CNN, the grounding head) `label`.
+`cluster.yaml` gives each node type the matching resource, one unit per GPU; a local Ray gets
+both, and its GPUs are shared. `auto` pools start at one actor per slot the cluster has and grow
+(Ray Data's autoscaling actor pool) as nodes join, up to what the autoscaler can add.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from factory.errors import FactoryError
+
+log = logging.getLogger(__name__)
+
+STAGE_RESOURCES = {"generator": "gen", "labeller": "label"}  # custom resource of each pool kind
+STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
+# must fit two actor pools plus the spec, row and write tasks without deadlocking.
+LABEL_SHARE = 0.2  # GPU share of a labeller on a node that also runs generators; they get the rest
+# Measured stage speeds (images/s), whose ratios size `auto` labeller pools.
+IMAGES_PER_S = {
+    # SDGenerator, SD 1.5 sizes, bf16, compiled, batch 16, one H200
+    # (../shared/measurements/h200-2026-11-27)
+    "sd generator": 4.41,
+    "grounding head": 126.0,  # GroundingLabeller at batch 32, one H200 (same measurements)
+    "mask r-cnn": 17.0,  # torchvision Mask R-CNN v2 at batch 8, one H100 (DESIGN.md's anchor)
+}
+HOW_TO_START = {
+    "gen": "start generator nodes with `ray start --address=HEAD:6379 --resources='{\"gen\": N}'`"
+           " (N = their GPUs), or give cluster.yaml a node type with resources {gen: N, GPU: N}",
+    "label": "start labeller nodes with `ray start --address=HEAD:6379 --resources='{\"label\": "
+             "N}'` (N = their GPUs), or give cluster.yaml a node type with resources "
+             "{label: N, GPU: N}",
+}
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray with one `gen` and one `label` slot
+    per GPU (one each on a CPU-only machine). Ray's own logging is left to `console.RayLogs`;
+    the workers' output stays in Ray's log folder instead of the console."""
+    if address is None:
+        # Local workers share this interpreter. Ray's `uv run` hook (meant for clusters, read
+        # when ray is first imported) would instead copy the working folder, outputs and all,
+        # and build a virtual environment from it for every session.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(configure_logging=False, log_to_driver=False)
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise FactoryError(f"cannot join the Ray cluster at {address!r}: "
+                               f"{str(e).splitlines()[0]}") from None
+        return
+    import torch
+
+    slots = max(1, torch.cuda.device_count())
+    ray.init(resources={"gen": slots, "label": slots}, include_dashboard=False, **quiet)
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the pools can use: stage slots and GPUs now, and what an autoscaler may add."""
+
+    slots: dict[str, int]  # resource -> units on live nodes now
+    max_slots: dict[str, int]  # resource -> units the autoscaler can reach (>= slots)
+    autoscaled: bool  # False: a fixed cluster, which only hand-started nodes may join
+    gpus: float
+    max_gpus: float  # GPUs the autoscaler can reach (>= gpus)
+    shared: bool  # a node carries both `gen` and `label`: labellers share its GPUs
+
+    @classmethod
+    def current(cls) -> ClusterView:
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        slots = {r: int(sum(n.get(r, 0) for n in nodes)) for r in ("gen", "label")}
+        gpus = sum(n.get("GPU", 0) for n in nodes)
+        most = autoscaler_max_resources()
+        return cls(slots=slots,
+                   max_slots={r: max(slots[r], int(most.get(r, 0))) for r in slots},
+                   autoscaled=bool(most),
+                   gpus=gpus, max_gpus=max(gpus, most.get("GPU", 0)),
+                   shared=any(n.get("gen", 0) and n.get("label", 0) for n in nodes))
+
+
+def autoscaler_max_resources() -> dict[str, int]:
+    """The most of each resource the cluster's autoscaler config allows (empty without an
+    autoscaler). Ray Train and Ray Data read the same figure to tell whether a request can ever
+    be placed; it is not public API, so any failure reads as "no autoscaler"."""
+    try:
+        import ray._private.state
+
+        return ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # noqa: BLE001 - an internal API: no answer means no autoscaler
+        return {}
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One actor pool's size and placement."""
+
+    kind: str  # "generator" | "labeller"
+    min_size: int
+    max_size: int
+    gpus: float  # per actor
+
+    @property
+    def resource(self) -> str:
+        return STAGE_RESOURCES[self.kind]
+
+    def bundle(self) -> dict[str, float]:
+        """What one actor reserves."""
+        return {"CPU": STAGE_CPUS, self.resource: 1, **({"GPU": self.gpus} if self.gpus else {})}
+
+    def ray_args(self) -> dict:
+        """`map_batches` arguments that place and size the pool."""
+        import ray
+
+        return dict(num_cpus=STAGE_CPUS, num_gpus=self.gpus, resources={self.resource: 1},
+                    compute=ray.data.ActorPoolStrategy(min_size=self.min_size,
+                                                       max_size=self.max_size))
+
+
+def parse_pool_size(value: str | int, name: str) -> int | None:
+    """`auto` -> None, else a positive int."""
+    if value == "auto" or value is None:
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 'auto' or a number > 0, got {value!r}") from None
+    if n <= 0:
+        raise ValueError(f"{name} must be 'auto' or a number > 0, got {value!r}")
+    return n
+
+
+def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
+               labellers: int | None = None, labeller_images_per_s: float | None = None,
+               gen_gpus: float | None = None, label_gpus: float | None = None,
+               kinds: tuple[str, ...] = ("generator", "labeller")) -> dict[str, Pool]:
+    """The pools for `units` work items on the cluster `view`. A None size is `auto`:
+    generators one per `gen` slot now, growing to what the autoscaler can add (at most one per
+    work unit; on a cluster without autoscaler, as many as there are work units, so that nodes
+    started by hand join too); labellers as many as the measured ratio of the two stages'
+    speeds asks for, at least one. A size the cluster can never place is refused in one
+    line."""
+    for kind in kinds:
+        res = STAGE_RESOURCES[kind]
+        if view.max_slots[res] < 1:
+            raise FactoryError(f"the Ray cluster has no {res!r} resource, which the {kind} pool "
+                               f"needs: {HOW_TO_START[res]}")
+    sizes: dict[str, tuple[int, int]] = {}  # kind -> (min, max) actors
+    if "generator" in kinds:
+        if generators is None:
+            low = max(1, min(view.slots["gen"], units))
+            reach = view.max_slots["gen"] if view.autoscaled else units
+            sizes["generator"] = (low, max(low, min(reach, units)))
+        else:
+            sizes["generator"] = (generators, generators)
+    if "labeller" in kinds:
+        if labellers is None:
+            gen_rate = IMAGES_PER_S["sd generator"]
+            per = max(1, math.floor((labeller_images_per_s or gen_rate) / gen_rate))
+            gens = sizes.get("generator", (1, 1))
+            low = min(max(1, math.ceil(gens[0] / per)), max(1, view.slots["label"]))
+            reach = view.max_slots["label"] if view.autoscaled else units
+            sizes["labeller"] = (low, max(low, min(math.ceil(gens[1] / per), reach)))
+        else:
+            sizes["labeller"] = (labellers, labellers)
+    both = len(kinds) == 2
+    share = {"generator": gen_gpus, "labeller": label_gpus}
+    out = {}
+    for kind, (low, high) in sizes.items():
+        gpus = share[kind]
+        if gpus is None:
+            gpus = 0.0 if not view.gpus else (
+                (LABEL_SHARE if kind == "labeller" else 1 - LABEL_SHARE)
+                if view.shared and both else 1.0)
+        out[kind] = Pool(kind, low, high, gpus)
+        res = STAGE_RESOURCES[kind]
+        if low > view.max_slots[res]:
+            raise FactoryError(f"{low} {kind}s need {low} {res!r} slots, but the cluster has "
+                               f"{view.max_slots[res]}: use fewer, or {HOW_TO_START[res]}")
+    need = sum(p.min_size * p.gpus for p in out.values())
+    if need > view.max_gpus + 1e-9:
+        raise FactoryError(f"the pools need {need:g} GPUs, but the cluster has {view.max_gpus:g}: "
+                           "use fewer actors or smaller --gen-gpus/--label-gpus")
+    return out
+
+
+def wait_for_placement(pools: dict[str, Pool], timeout: float) -> None:
+    """Reserve every pool's minimum at once (which also asks an autoscaler for the nodes) and
+    wait up to `timeout` seconds; refuse in one line, naming what is missing, if it never fits.
+    The reservation is released before the pools start."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = [p.bundle() for p in pools.values() for _ in range(p.min_size)]
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        ready = pg.wait(timeout_seconds=max(1, int(math.ceil(timeout))))
+    finally:
+        remove_placement_group(pg)
+    if ready:
+        return
+    have = ray.cluster_resources()
+    need: dict[str, float] = {}
+    for b in bundles:
+        for r, v in b.items():
+            need[r] = need.get(r, 0) + v
+    short = [f"{need[r]:g} {r!r} (the cluster has {have.get(r, 0):g})" for r in need
+             if need[r] > have.get(r, 0)]
+    what = ", ".join(f"{p.min_size} {p.kind}s" for p in pools.values())
+    raise FactoryError(
+        f"{what} could not be placed within {timeout:g} s: "
+        + (f"they need {', '.join(short)}" if short else "other jobs hold the resources")
+        + "; add nodes, wait for the autoscaler (--placement-timeout) or use fewer actors")
+
+
+def probe_output(root: str, nodes: list[str] | None = None) -> None:
+    """Write and delete a probe file in `root`'s data folder from a task on every live node
+    that runs stages (or `nodes`), before any GPU work: an output the workers cannot write, or
+    cannot see (a node-local path on a multi-node cluster), is refused in one line."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = nodes or [n["NodeID"] for n in ray.nodes() if n.get("Alive") and any(
+        n["Resources"].get(r, 0) for r in STAGE_RESOURCES.values())]
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_task)
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(root) for node in nodes]
+    for node, error in zip(nodes, ray.get(refs), strict=True):
+        if error:
+            raise FactoryError(f"the workers cannot use --out {root!r} (node {node[:12]}): "
+                               f"{error}; give storage every node reaches (a shared mount or an "
+                               "s3:// or gs:// URI)")
+
+
+def _probe_task(root: str) -> str | None:
+    """In a worker: None if `root` is a factory output this node sees and can write to."""
+    import uuid
+
+    from factory.store import DATA, MANIFEST, open_location, put_atomic
+
+    try:
+        fs, base = open_location(root)
+        if fs.get_file_info(f"{base}/{MANIFEST}").type.name != "File":
+            return "it has no manifest there (a folder local to another node?)"
+        path = f"{base}/{DATA}/.probe-{uuid.uuid4().hex[:8]}"
+        put_atomic(fs, path, b"probe")
+        fs.delete_file(path)
+    except Exception as e:  # noqa: BLE001 - any failure means the worker cannot write there
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+class PoolStage:
+    """A stage class run by a Ray Data actor pool. Each call is one work unit (one block of a
+    few batches), cut into the stage's own batches in order, so that a unit's outputs do not
+    depend on how Ray grouped or retried it. Every row is tagged with the actor's node and its
+    share of the call's busy time (columns `_<name>_node`, `_<name>_actor`, `_<name>_busy`,
+    `_<name>_start`, `_<name>_end`), which the shard writer records and strips."""
+
+    def __init__(self, stage: type, kwargs: dict, batch_size: int, name: str,
+                 progress=None) -> None:
+        import ray
+
+        self.stage = stage(**kwargs)
+        self.batch_size = batch_size
+        self.name = name
+        self.progress = progress
+        ctx = ray.get_runtime_context()
+        self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.time()
+        n = len(next(iter(batch.values())))
+        parts = [self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                 for i in range(0, n, self.batch_size)]
+        out = {k: concat([p[k] for p in parts]) for k in parts[0]}
+        end = time.time()
+        tags = {"node": self.node, "actor": self.actor, "busy": (end - start) / n,
+                "start": start, "end": end}
+        for key, value in tags.items():
+            out[f"_{self.name}_{key}"] = np.full(n, value, dtype=object if isinstance(value, str)
+                                                 else np.float64)
+        if self.progress is not None:
+            self.progress.add.remote(self.name, n)
+        return out
+
+
+def concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches of one column -> one column; object columns stay 1-d object arrays."""
+    from actors.batch import object_column
+
+    if parts[0].dtype == object:
+        return object_column([x for p in parts for x in p])
+    return np.concatenate(parts)

@@ -1,0 +1,86 @@
+"""A multi-node Ray cluster on one machine, for the cluster tests and `benchmarks/scale.py`: a
+head with no CPU and no stage resource (so every task and actor runs on another node than the
+driver), `gen` nodes and `label` nodes, one slot each. Blocks are never inlined into their
+owner's memory (the driver), as large real images would not be either."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+DRIVER_ENV = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+class SimulatedCluster:
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.gen, self.label = [], []
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add(self, resource: str, slots: int = 1):
+        node = self.cluster.add_node(num_cpus=1, resources={resource: slots})
+        self.cluster.wait_for_nodes()
+        getattr(self, resource).append(node)
+        return node
+
+    def remove(self, node) -> None:
+        self.cluster.remove_node(node)
+        for nodes in (self.gen, self.label):
+            if node in nodes:
+                nodes.remove(node)
+
+
+@contextlib.contextmanager
+def simulated_cluster(gen_nodes: int = 2, label_nodes: int = 1):
+    from ray.cluster_utils import Cluster
+
+    os.makedirs("/tmp/ray", exist_ok=True)  # where Cluster notes the head's address
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
+        num_cpus=0, temp_dir=temp, include_dashboard=False,
+        _system_config={"max_direct_call_object_size": 1024}))
+    sim = SimulatedCluster(cluster)
+    try:
+        for _ in range(gen_nodes):
+            sim.add("gen")
+        for _ in range(label_nodes):
+            sim.add("label")
+        yield sim
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def driver(argv: list[str], spy: str | None = None, **popen) -> subprocess.Popen:
+    """`factory ARGV` as its own driver process (as `ray job submit` would run it). With `spy`,
+    every object the driver fetches with ray.get is described (type, pickled size) in that
+    JSON file when it exits."""
+    code = "from factory.cli import main; main(%r)" % (argv,)
+    if spy:
+        code = SPY % spy + code
+    return subprocess.Popen([sys.executable, "-c", code], env=DRIVER_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+SPY = """
+import atexit, json, pickle, ray
+_get, _seen = ray.get, []
+def _spy(refs, *a, **k):
+    out = _get(refs, *a, **k)
+    for v in (out if isinstance(out, list) else [out]):
+        try:
+            size = len(pickle.dumps(v))
+        except Exception:
+            size = -1
+        _seen.append([type(v).__module__ + "." + type(v).__name__, size])
+    return out
+ray.get = _spy
+atexit.register(lambda: json.dump(_seen, open(%r, "w")))
+"""
