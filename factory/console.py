@@ -13,8 +13,6 @@ import time
 
 log = logging.getLogger(__name__)
 
-LOG_FILE = "factory.log"
-
 
 @contextlib.contextmanager
 def ray_logs_to(root: str):
@@ -26,7 +24,7 @@ def ray_logs_to(root: str):
     file and uploaded when the run ends."""
     from ray.data import DataContext
 
-    from factory.store import open_location, put_atomic
+    from factory.store import LOG_FILE, open_location, put_atomic
 
     uri = "://" in root
     path = (tempfile.mkstemp(prefix="factory-", suffix=".log")[1] if uri

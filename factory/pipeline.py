@@ -27,7 +27,7 @@ from actors.names import DEFAULT_MODEL, TINY
 from factory.errors import FactoryError
 from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 from factory.prompts import SamplePlan
-from factory.store import ShardStore
+from factory.store import LOG_FILE, ShardLayout, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,8 @@ def _sd_run(o: RunOptions) -> dict:
 
 
 def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
-    """Check every argument of `generate`, then create (or reopen for resume) the output folder.
-    Raises FactoryError before anything is written."""
+    """Check every argument of `generate` and plan its output folder (new, or an earlier run of
+    the same arguments to resume); nothing is written yet. Raises FactoryError."""
     from actors.names import ORACLES, check_detector
     from factory.pairs import read_pairs
     from factory.vocab import get_split
@@ -183,7 +183,7 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
             "two_class_ratio": o.two_class_ratio, "oracle": o.oracle,
             "score_threshold": o.score_threshold, **_sd_run(o),
         }
-        store = ShardStore.create_or_resume(
+        store = ShardStore.plan(
             o.out, run,
             models={"sd": o.model, "detector": detector, "detector_weights": o.detector_weights},
             pairs={"source": "file" if o.pairs else "uniform", "path": o.pairs,
@@ -201,8 +201,8 @@ def _categories(split) -> list[dict]:
 
 
 def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
-    """Check every argument of `label` and the checkpoint (loading the head once), then create
-    (or reopen for resume) the output folder. Raises FactoryError before anything is written."""
+    """Check every argument of `label` and the checkpoint (loading the head once), and plan its
+    output folder (see `prepare`); nothing is written yet. Raises FactoryError."""
     from actors.grounding_labeller import check_band
     from factory.pairs import read_pairs
     from factory.vocab import get_split, open_vocabulary, read_vocabulary_file
@@ -249,7 +249,7 @@ def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
             "threshold": o.threshold, "ignore_band": [low, high] if o.ignore_band else None,
             "min_quality": o.min_quality, **_sd_run(o),
         }
-        store = ShardStore.create_or_resume(
+        store = ShardStore.plan(
             o.out, run,
             models={"sd": info["model"], "checkpoint": folder,
                     "head": {k: info.get(k) for k in ("split", "fold", "step", "seen")}},
@@ -273,12 +273,12 @@ def _pairs_id(path: str | None, pairs: tuple | None, plan: SamplePlan) -> str | 
     return "uniform" if plan.test_pairs else "none"
 
 
-def work_units(store: ShardStore, shards: list[int], unit: int) -> np.ndarray:
+def work_units(layout: ShardLayout, shards: list[int], unit: int) -> np.ndarray:
     """The units of the grid [j * unit, (j + 1) * unit) that hold samples of `shards`, as
     (K, 2) [first, end) ranges of unit ids: a handful of numbers however large n is."""
     spans = []
     for k in shards:
-        rows = store.shard_rows(k)
+        rows = layout.shard_rows(k)
         first, end = rows.start // unit, -(-rows.stop // unit)
         if spans and first <= spans[-1][1]:
             spans[-1][1] = max(spans[-1][1], end)
@@ -404,58 +404,79 @@ def label(o: LabelOptions) -> RunResult:
 
 
 def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller) -> RunResult:
-    from factory.console import LOG_FILE, Progress, StageCounter, ray_logs_to
-    from factory.pools import (ClusterView, connect_ray, probe_output, size_pools,
-                               wait_for_placement)
-    from factory.writer import write_shards
+    """Finish what the folder lacks: join the cluster, size and place the pools, check the
+    workers can write the output, then run the pipeline with a quiet console. A new folder
+    whose run is refused before any work (bad cluster or output) is removed again."""
+    from factory.console import ray_logs_to
+    from factory.pools import connect_ray
 
-    if store.remove_partial():
-        log.info("removed temporary files of an interrupted run")
-    if store.repair():
-        log.info("recorded the shards an interrupted run finished")
-    todo = store.todo()
+    new = not store.exists
+    if not new:
+        if store.remove_partial():
+            log.info("removed temporary files of an interrupted run")
+        if store.repair():
+            log.info("recorded the shards an interrupted run finished")
+    todo = store.todo() if not new else list(range(store.num_shards))
     skipped = store.num_shards - len(todo)
     if skipped:
         log.info("%d of %d shards already done; making the other %d",
                  skipped, store.num_shards, len(todo))
-    start = time.perf_counter()
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
+    start = time.perf_counter()
     connect_ray(o.address)
-    import ray
-
-    with ray_logs_to(store.root) as console:
-        unit = max(o.batch_size, o.label_batch_size)
-        spans = work_units(store, todo, unit)
-        units = int((spans[:, 1] - spans[:, 0]).sum())
-        pools = size_pools(ClusterView.current(), units,
-                           generators=parse_pool_size(o.generators, "generators"),
-                           labellers=parse_pool_size(o.labellers, "labellers"),
-                           labeller_images_per_s=labeller.images_per_s,
-                           gen_gpus=o.gen_gpus, label_gpus=o.label_gpus)
-        timeout = o.placement_timeout or PLACEMENT_TIMEOUT["cluster" if o.address else "local"]
-        wait_for_placement(pools, timeout)
-        probe_output(store.root)
-        log.info("%d shards in %d work units of %d; pools: %s; Ray's log: %s", len(todo), units,
-                 unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
-                                 p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
-                                 for p in pools.values()), f"{store.root}/{LOG_FILE}")
-        counter = ray.remote(num_cpus=0)(StageCounter).remote()
-        planned = sum(len(store.shard_rows(k)) for k in todo)
-        progress = Progress({"generator": units * unit, "labeller": units * unit,
-                             "written": planned},
-                            {"generator": "SD generator", "labeller": labeller.cls.__name__,
-                             "written": "shards written"}, stream=console)
-
-        def show(w, force=False):
-            if force or progress.due():
-                progress.show({**ray.get(counter.counts.remote()),
-                               "written": w.written + w.dropped})
-
-        ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
-        w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
-        show(w, force=True)
-        ray.kill(counter)
+    try:
+        store.create()
+    except OSError as e:
+        raise FactoryError(f"cannot write --out {o.out!r}: {e}") from None
+    try:
+        with ray_logs_to(store.root) as console:
+            w, pools = _pipeline(o, plan, store, todo, labeller, console)
+    except FactoryError:
+        if new:
+            store.discard()
+        raise
     return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
                      w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
                      pools={p.kind: (p.min_size, p.max_size) for p in pools.values()})
+
+
+def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int],
+              labeller: Labeller, console):
+    import ray
+
+    from factory.console import Progress, StageCounter
+    from factory.pools import ClusterView, probe_output, size_pools, wait_for_placement
+    from factory.writer import write_shards
+
+    unit = max(o.batch_size, o.label_batch_size)
+    spans = work_units(store.layout, todo, unit)
+    units = int((spans[:, 1] - spans[:, 0]).sum())
+    pools = size_pools(ClusterView.current(), units,
+                       generators=parse_pool_size(o.generators, "generators"),
+                       labellers=parse_pool_size(o.labellers, "labellers"),
+                       labeller_images_per_s=labeller.images_per_s,
+                       gen_gpus=o.gen_gpus, label_gpus=o.label_gpus)
+    wait_for_placement(pools, o.placement_timeout
+                       or PLACEMENT_TIMEOUT["cluster" if o.address else "local"])
+    probe_output(store.root)
+    log.info("%d shards in %d work units of %d; pools: %s; Ray's log: %s", len(todo), units,
+             unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
+                             p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
+                             for p in pools.values()), f"{store.root}/{LOG_FILE}")
+    counter = ray.remote(num_cpus=0)(StageCounter).remote()
+    planned = sum(len(store.shard_rows(k)) for k in todo)
+    progress = Progress({"generator": units * unit, "labeller": units * unit,
+                         "written": planned},
+                        {"generator": "SD generator", "labeller": labeller.cls.__name__,
+                         "written": "shards written"}, stream=console)
+
+    def show(w, force=False):
+        if force or progress.due():
+            progress.show({**ray.get(counter.counts.remote()), "written": w.written + w.dropped})
+
+    ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
+    w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
+    show(w, force=True)
+    ray.kill(counter)
+    return w, pools

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -45,9 +46,11 @@ HOW_TO_START = {
 
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray with one `gen` and one `label` slot
-    per GPU (one each on a CPU-only machine). Ray's own logging is left to `console.RayLogs`;
-    the workers' output stays in Ray's log folder instead of the console."""
-    if address is None:
+    per GPU (one each on a CPU-only machine). Ray's own logging is left to
+    `console.ray_logs_to`; the workers' output stays in Ray's log folder, off the console."""
+    if address:
+        check_reachable(address)
+    else:
         # Local workers share this interpreter. Ray's `uv run` hook (meant for clusters, read
         # when ray is first imported) would instead copy the working folder, outputs and all,
         # and build a virtual environment from it for every session.
@@ -68,6 +71,19 @@ def connect_ray(address: str | None) -> None:
 
     slots = max(1, torch.cuda.device_count())
     ray.init(resources={"gen": slots, "label": slots}, include_dashboard=False, **quiet)
+
+
+def check_reachable(address: str) -> None:
+    """Ray waits minutes for a head address that does not answer: refuse it in one line."""
+    if address == "auto" or "://" in address and not address.startswith("ray://"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise FactoryError(f"cannot reach a Ray cluster at {address!r} ({e}): start one with "
+                           "`ray up cluster.yaml` or `ray start --head`, or pass --address auto "
+                           "on one of its nodes") from None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from factory.schema import SCHEMA_VERSION, SCHEMAS
 MANIFEST = "manifest.json"
 DATA = "data"  # shards live here, apart from the manifest
 PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
+LOG_FILE = "factory.log"  # Ray's own output during a run (factory/console.py)
 TEMP_PREFIX = ".shard-"  # hidden temporary shard files: `.shard-...parquet.tmp-XXXXXXXX`
 
 
@@ -298,9 +299,10 @@ class ShardStore:
         return cls(location_root(root), manifest)
 
     @classmethod
-    def create_or_resume(cls, root: str, run: dict, **info) -> ShardStore:
-        """The folder for `run`: new (empty or absent folder) or an earlier run of the same
-        arguments. `info` (models, pairs, ...) is recorded in a new manifest, not compared."""
+    def plan(cls, root: str, run: dict, **info) -> ShardStore:
+        """The store for `run`, writing nothing yet: an earlier run of the same arguments (to
+        resume), or a new one for an empty or absent folder, which `create` makes. `info`
+        (models, pairs, ...) is recorded in a new manifest, not compared."""
         fs, base = open_location(root)
         if fs.get_file_info(posixpath.join(base, MANIFEST)).type == pafs.FileType.File:
             store = cls.open(root)
@@ -323,9 +325,40 @@ class ShardStore:
             "packages": package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        fs.create_dir(posixpath.join(base, DATA), recursive=True)
-        store = cls(location_root(root), manifest)
-        store._write_manifest()
+        return cls(location_root(root), manifest)
+
+    @property
+    def exists(self) -> bool:
+        """Whether the folder holds this run's manifest yet."""
+        layout = self.layout
+        return layout.fs.get_file_info(layout.fs_path(MANIFEST)).type == pafs.FileType.File
+
+    def create(self) -> None:
+        """Make the folder of a planned new run: data/ and the manifest."""
+        if not self.exists:
+            self.layout.fs.create_dir(self.layout.fs_path(DATA), recursive=True)
+            self._write_manifest()
+
+    def discard(self) -> None:
+        """Remove what `create` made for a run that then wrote no shard: its manifest, log and
+        empty data folder, and the folder itself if nothing else is left in it."""
+        fs, layout = self.layout.fs, self.layout
+        if self.done():
+            raise StoreError(f"{self.root!r} holds shards: not discarding it")
+        for name in (MANIFEST, LOG_FILE):
+            if fs.get_file_info(layout.fs_path(name)).type == pafs.FileType.File:
+                fs.delete_file(layout.fs_path(name))
+        for path in (layout.fs_path(DATA), layout.fs_path()):
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.Directory and not fs.get_file_info(
+                    pafs.FileSelector(path)):
+                fs.delete_dir(path)
+
+    @classmethod
+    def create_or_resume(cls, root: str, run: dict, **info) -> ShardStore:
+        """`plan`, then `create`."""
+        store = cls.plan(root, run, **info)
+        store.create()
         return store
 
     def read(self, columns: list[str] | None = None) -> pa.Table:

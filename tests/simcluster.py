@@ -62,7 +62,7 @@ def driver(argv: list[str], spy: str | None = None, **popen) -> subprocess.Popen
     """`factory ARGV` as its own driver process (as `ray job submit` would run it). With `spy`,
     every object the driver fetches with ray.get is described (type, pickled size) in that
     JSON file when it exits."""
-    code = "from factory.cli import main; main(%r)" % (argv,)
+    code = f"from factory.cli import main; main({argv!r})"
     if spy:
         code = SPY % spy + code
     return subprocess.Popen([sys.executable, "-c", code], env=DRIVER_ENV,

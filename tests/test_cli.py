@@ -43,6 +43,10 @@ def bad_pairs_file(tmp_path):
     (["--feature-step", "50"], "feature step must lie in [0, 50)"),
     (["--batch-size", "0"], "batch size must be > 0"),
     (["--subset", "train", "--n", "x"], "'x' is not a valid integer"),
+    (["--generators", "0"], "generators must be 'auto' or a number > 0, got '0'"),
+    (["--labellers", "many"], "labellers must be 'auto' or a number > 0, got 'many'"),
+    (["--placement-timeout", "0"], "placement timeout must be > 0 seconds"),
+    (["--address", "127.0.0.1:9"], "cannot reach a Ray cluster at '127.0.0.1:9'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, out, run):
     base = ["generate", "--out", out, "--model", "tiny", "--n", "4"]
@@ -60,8 +64,19 @@ def test_pairs_file_with_unknown_class_is_refused(tmp_path, out, run):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
+def test_an_output_the_workers_cannot_write_is_refused_before_any_work(ray_local, tmp_path,
+                                                                     run):
+    code, _, stderr = run(["generate", "--out", "file:///proc/factory/out", "--model", "tiny",
+                           "--n", "4"])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "cannot write --out 'file:///proc/factory/out'" \
+        in lines[0]
+    assert not os.path.exists("/proc/factory")
+
+
 def test_output_folder_of_another_run_is_refused_and_left_alone(out, run):
-    prepare(GenerateOptions(out=out, model="tiny", n=4, seed=1))
+    prepare(GenerateOptions(out=out, model="tiny", n=4, seed=1))[1].create()
     before = open(os.path.join(out, "manifest.json")).read()
     code, _, stderr = run(["generate", "--out", out, "--model", "tiny", "--n", "4",
                            "--seed", "2"])

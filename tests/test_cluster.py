@@ -8,14 +8,14 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from simcluster import driver, simulated_cluster
 
 from factory.store import ShardStore
-from simcluster import driver, simulated_cluster
 
 pytestmark = pytest.mark.slow
 
 RUN = ["generate", "--split", "pascal", "--n", "16", "--shard-size", "4", "--model", "tiny",
-       "--steps", "100", "--batch-size", "2", "--label-batch-size", "2", "--seed", "5"]
+       "--steps", "400", "--batch-size", "2", "--label-batch-size", "2", "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,15 @@ def test_a_node_added_mid_run_gets_work(disturbed):
     out, _, added = disturbed
     used = {n for rec in ShardStore.open(out).shards.values() for n in rec["generators"]}
     assert added in used
+
+
+def test_a_cluster_without_labeller_nodes_is_refused_in_one_line(cluster, tmp_path, disturbed):
+    for node in list(cluster.label):  # runs last: the other tests need the label node
+        cluster.remove(node)
+    out = str(tmp_path / "out")
+    code, _, err = finish(driver([*RUN, "--address", cluster.address, "--out", out]))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 2 and "notice: no --pairs file" in lines[0]
+    assert lines[1].startswith("factory: error: the Ray cluster has no 'label' resource")
+    assert "--resources='{\"label\": N}'" in lines[1]
+    assert not os.path.exists(out)

@@ -151,7 +151,7 @@ def test_bad_label_input_is_one_line_and_writes_nothing(run_cli, tmp_path, tiny_
 
 def test_label_refuses_a_folder_of_another_run(tmp_path, tiny_checkpoint, run_cli):
     out = str(tmp_path / "out")
-    prepare_label(LabelOptions(out=out, checkpoint=tiny_checkpoint, n=4))
+    prepare_label(LabelOptions(out=out, checkpoint=tiny_checkpoint, n=4))[1].create()
     code, _, err = run_cli(main, ["label", "--checkpoint", tiny_checkpoint, "--out", out,
                                   "--n", "4", "--threshold", "0.6"])
     assert code == 2 and "threshold=0.5 (now 0.6)" in err

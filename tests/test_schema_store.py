@@ -144,3 +144,40 @@ def test_non_empty_foreign_folder_is_refused(tmp_path):
         make_store(tmp_path)
     with pytest.raises(StoreError, match="not a factory output folder"):
         ShardStore.open(str(tmp_path / "out"))
+
+
+def test_a_file_uri_store_writes_the_same_bytes_and_records_each_shard(tmp_path):
+    import hashlib
+
+    table = to_triplets(stage_batch([9, 8])[0], **META)
+    run = {"kind": "triplets", "n": 10, "shard_size": 4}
+    uri = ShardStore.create_or_resume((tmp_path / "uri").as_uri(), run, seen=[], unseen=[])
+    path = make_store(tmp_path)
+    uri.write_shard(2, table)
+    path.write_shard(2, table)
+    again = ShardStore.open((tmp_path / "uri").as_uri())
+    assert again.root.startswith("file://") and again.done() == [2]
+    data = (tmp_path / "uri" / DATA / "shard-00002-of-00003.parquet").read_bytes()
+    assert data == (tmp_path / "out" / DATA / "shard-00002-of-00003.parquet").read_bytes()
+    assert again.shards == {2: {"rows": 2, "bytes": len(data),
+                                "sha256": hashlib.sha256(data).hexdigest()}}
+    assert again.read(["index"]).column("index").to_pylist() == [8, 9]
+
+
+def test_a_shard_written_before_its_record_is_recorded_on_resume(tmp_path):
+    store = make_store(tmp_path)
+    store.layout.write(1, to_triplets(stage_batch([4, 5, 7])[0], **META), dropped=[6])
+    assert store.shards == {}  # as if the run died before entering it in the manifest
+    again = ShardStore.open(store.root)
+    assert again.repair() == 1 and again.repair() == 0
+    assert again.shards[1]["rows"] == 3 and again.dropped == [6]
+
+
+def test_a_planned_run_writes_nothing_until_created_and_can_be_discarded(tmp_path):
+    store = ShardStore.plan(str(tmp_path / "new"), {"kind": "triplets", "n": 4,
+                                                     "shard_size": 4}, seen=[], unseen=[])
+    assert not store.exists and not (tmp_path / "new").exists()
+    store.create()
+    assert store.exists and sorted(os.listdir(tmp_path / "new")) == [DATA, MANIFEST]
+    store.discard()
+    assert not (tmp_path / "new").exists()

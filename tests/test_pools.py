@@ -1,0 +1,121 @@
+"""Pool sizing from the cluster, work units, the output probe and the writer's bookkeeping."""
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from factory.errors import FactoryError
+from factory.pools import IMAGES_PER_S, LABEL_SHARE, ClusterView, probe_output, size_pools
+from factory.writer import WriteResult, block_shards, stage_tags
+
+GROUNDING = IMAGES_PER_S["grounding head"]
+MASKRCNN = IMAGES_PER_S["mask r-cnn"]
+
+
+def view(gen=16, label=1, gpus=17.0, shared=False, max_gen=None, max_label=None):
+    """A cluster of `gen` generator slots and `label` labeller slots; an autoscaler that may
+    grow them to max_gen/max_label if those are given."""
+    autoscaled = max_gen is not None or max_label is not None
+    return ClusterView(slots={"gen": gen, "label": label},
+                       max_slots={"gen": max(gen, max_gen or 0),
+                                  "label": max(label, max_label or 0)},
+                       gpus=gpus, max_gpus=gpus, autoscaled=autoscaled, shared=shared)
+
+
+def test_auto_generators_fill_every_gen_slot_and_grow_to_what_the_autoscaler_adds():
+    pools = size_pools(view(max_gen=64, max_label=4), units=1000,
+                       labeller_images_per_s=GROUNDING)
+    gen, lab = pools["generator"], pools["labeller"]
+    assert (gen.min_size, gen.max_size, gen.gpus) == (16, 64, 1.0)
+    # one grounding-head labeller keeps up with floor(126 / 4.41) = 28 generators
+    assert (lab.min_size, lab.max_size, lab.gpus) == (1, 3, 1.0)
+    assert gen.bundle() == {"CPU": 0.25, "gen": 1, "GPU": 1.0}
+
+
+def test_auto_pools_never_exceed_the_work_units():
+    gen = size_pools(view(max_gen=64), units=5)["generator"]
+    assert (gen.min_size, gen.max_size) == (5, 5)
+
+
+def test_without_autoscaler_auto_pools_may_grow_onto_nodes_started_by_hand():
+    gen = size_pools(view(gen=2, label=1, gpus=0.0), units=12)["generator"]
+    assert (gen.min_size, gen.max_size) == (2, 12)
+
+
+def test_mask_rcnn_labellers_are_sized_from_its_slower_speed():
+    lab = size_pools(view(gen=16, label=8, max_gen=16, max_label=8), units=100,
+                     labeller_images_per_s=MASKRCNN)["labeller"]
+    assert (lab.min_size, lab.max_size) == (6, 6)  # 17 / 4.41 -> 3 generators each
+
+
+def test_labellers_on_generator_nodes_get_a_share_of_a_gpu():
+    pools = size_pools(view(gen=1, label=1, gpus=1.0, shared=True), units=10,
+                       labeller_images_per_s=GROUNDING)
+    assert pools["labeller"].gpus == LABEL_SHARE
+    assert pools["generator"].gpus == pytest.approx(1 - LABEL_SHARE)
+
+
+def test_explicit_sizes_are_kept_and_cpu_clusters_ask_no_gpu():
+    pools = size_pools(view(gen=4, label=2, gpus=0.0), units=10, generators=3, labellers=2)
+    assert [(p.min_size, p.max_size, p.gpus) for p in pools.values()] == [(3, 3, 0.0),
+                                                                          (2, 2, 0.0)]
+
+
+@pytest.mark.parametrize(("cluster", "kwargs", "message"), [
+    (view(gen=0, max_gen=0), {}, "no 'gen' resource, which the generator pool needs: start "
+                                 "generator nodes with `ray start"),
+    (view(label=0), {}, "no 'label' resource, which the labeller pool needs: start labeller "
+                        "nodes"),
+    (view(gen=2), {"generators": 3}, "3 generators need 3 'gen' slots, but the cluster has 2"),
+    (view(gen=4, gpus=2.0), {"generators": 4, "labellers": 1},
+     "the pools need 5 GPUs, but the cluster has 2"),
+])
+def test_pools_the_cluster_cannot_place_are_refused_naming_the_resource(cluster, kwargs,
+                                                                         message):
+    with pytest.raises(FactoryError, match=re.escape(message)):
+        size_pools(cluster, units=10, **kwargs)
+
+
+def test_a_gen_node_the_autoscaler_can_add_is_waited_for_not_refused():
+    gen = size_pools(view(gen=0, max_gen=8, max_label=1, label=0, gpus=0.0), units=10)
+    assert (gen["generator"].min_size, gen["generator"].max_size) == (1, 8)
+
+
+@pytest.mark.slow
+def test_an_output_a_worker_cannot_see_is_refused_naming_the_node(ray_local, tmp_path):
+    with pytest.raises(FactoryError, match=r"the workers cannot use --out .* \(node [0-9a-f]+\)"
+                                           r": it has no manifest there"):
+        probe_output(str(tmp_path / "elsewhere"))
+
+
+def test_block_shards_counts_rows_per_shard():
+    block = pa.table({"index": [3, 4, 5, 8, 9]})
+    assert block_shards(block, 4) == {0: 1, 1: 2, 2: 2}
+
+
+def test_stage_tags_give_nodes_and_busy_time_per_actor():
+    table = pa.table({"_generator_node": ["n1", "n1", "n2"], "_generator_actor": ["a", "a", "b"],
+                      "_generator_busy": [1.0, 1.0, 3.0], "_generator_start": [0.0, 0.0, 1.0],
+                      "_generator_end": [2.0, 2.0, 4.0]})
+    nodes, busy = stage_tags(table)
+    assert nodes == {"generator": ["n1", "n2"]}
+    assert busy == {"generator": {"a": [2.0, 0.0, 2.0], "b": [3.0, 1.0, 4.0]}}
+    w = WriteResult()
+    w.add_busy(busy)
+    w.add_busy({"generator": {"a": [1.0, 3.0, 4.0]}})
+    # a: 3 s busy from 0 to the stage's end at 4; b: 3 s busy from 1 to 4
+    assert w.busy_fraction("generator") == pytest.approx(6 / 7)
+    assert w.busy_fraction("labeller") is None
+
+
+def test_work_units_tile_the_shards_on_a_fixed_grid():
+    from factory.pipeline import work_units
+    from factory.store import ShardLayout
+
+    layout = ShardLayout(root="/unused", n=10, shard_size=4, kind="triplets")
+    assert work_units(layout, [0, 1, 2], unit=3).tolist() == [[0, 4]]  # samples 0..11
+    # resuming shard 2 (samples 8, 9): the unit grid does not move, so unit 2 (6..8) is redone
+    assert work_units(layout, [2], unit=3).tolist() == [[2, 4]]
+    assert np.array_equal(work_units(layout, [0, 2], unit=4), [[0, 1], [2, 3]])
