@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 
 import click
 import numpy as np
 
+from factory.console import ray_logs_to
 from factory.errors import FactoryError
 from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 
@@ -106,8 +108,9 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
              batch_size: int = 8, head_actors: str | int = "auto",
              daam_actors: str | int = "auto", head_gpus: float | None = None,
              daam_gpus: float | None = None, address: str | None = None,
-             placement_timeout: float | None = None) -> dict:
-    """Run the methods over the test set; returns the report (table, counts, settings)."""
+             placement_timeout: float | None = None, ray_log: str | None = None) -> dict:
+    """Run the methods over the test set; returns the report (table, counts, settings). Ray's
+    own output goes to the file `ray_log` (default: a new temporary file, named in the log)."""
     from eval.table import PAPER_TABLE1_AVERAGES, ProtocolTable
     from factory.schema import decode_masks
 
@@ -137,19 +140,23 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
                       "generator": parse_pool_size(daam_actors, "DAAM actors")}
     except ValueError as e:
         raise FactoryError(str(e)) from None
-    ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
-                  pool_sizes, {"labeller": head_gpus, "generator": daam_gpus}, address,
-                  placement_timeout)
+    if ray_log is None:
+        ray_log = tempfile.mkstemp(prefix="protocol1-", suffix=".log")[1]
+    log.info("Ray's log: %s", ray_log)
     diffs: list[int] = []
-    for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in block.to_pylist():
-            gt = decode_masks(row["oracle"], row["height"], row["width"])
-            for method, column in ((HEAD, "head_masks"), (DAAM, "daam_masks")):
-                if method in methods:
-                    pred = decode_masks(row[column], row["height"], row["width"])
-                    table.update(method, row["classes"], pred, gt)
-            if "regenerated_diff" in row:
-                diffs.append(row["regenerated_diff"])
+    with ray_logs_to(ray_log):
+        ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
+                      pool_sizes, {"labeller": head_gpus, "generator": daam_gpus}, address,
+                      placement_timeout)
+        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in block.to_pylist():
+                gt = decode_masks(row["oracle"], row["height"], row["width"])
+                for method, column in ((HEAD, "head_masks"), (DAAM, "daam_masks")):
+                    if method in methods:
+                        pred = decode_masks(row[column], row["height"], row["width"])
+                        table.update(method, row["classes"], pred, gt)
+                if "regenerated_diff" in row:
+                    diffs.append(row["regenerated_diff"])
     report = {
         "data": os.path.abspath(data), "split": run["split"], "fold": run["fold"],
         "model": run["model"], "checkpoint": info["folder"] if info else None,
@@ -255,7 +262,7 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 def cli(out: str | None, **kwargs) -> None:
     """Protocol I: the grounding head and/or DAAM against the oracle masks of a test set."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = evaluate(**kwargs)
+    report = evaluate(**kwargs, ray_log=os.path.splitext(out)[0] + ".log" if out else None)
     click.echo(f"Protocol I, {report['split']} fold {report['fold']}: {report['kept']} of "
                f"{report['samples']} test samples, mIoU (%)")
     click.echo(report["markdown"])

@@ -83,8 +83,10 @@ def echo_result(r) -> None:
         click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
         return
     dropped = f", {r.dropped} dropped below --min-quality" if r.dropped else ""
+    busy = "".join(f"; {stage} actors busy {share:.0%}" for stage, share in (r.busy or {}).items()
+                   if share is not None)
     click.echo(f"wrote {r.written} samples ({r.shards_written} shards{dropped}) in "
-               f"{r.seconds:.1f} s, {r.images_per_s:.2f} images/s, to {r.out}")
+               f"{r.seconds:.1f} s, {r.images_per_s:.2f} images/s, to {r.out}{busy}")
 
 
 def run_generate(o: GenerateOptions) -> None:

@@ -15,21 +15,20 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def ray_logs_to(root: str):
-    """While open, Ray's output goes to `root/factory.log` instead of the console: its Python
+def ray_logs_to(path: str):
+    """While open, Ray's output goes to the log file `path` instead of the console: its Python
     loggers (ray, ray.data, ray.train, ...) and, as Ray's C++ core writes to the process's
     stderr directly, file descriptor 2 itself. Python's own console handlers (this program's
     messages) and the progress lines keep the real stderr, which the context yields. Ray Data
-    draws no progress bars meanwhile. For a URI `root` the log is kept in a local temporary
-    file and uploaded when the run ends."""
+    draws no progress bars meanwhile. The file is appended to; for a URI `path` the log is kept
+    in a local temporary file and uploaded when the context closes."""
     from ray.data import DataContext
 
-    from factory.store import LOG_FILE, open_location, put_atomic
+    from factory.store import open_location, put_atomic
 
-    uri = "://" in root
-    path = (tempfile.mkstemp(prefix="factory-", suffix=".log")[1] if uri
-            else os.path.join(root, LOG_FILE))
-    handler = logging.FileHandler(path, encoding="utf-8")
+    uri = "://" in path
+    local = tempfile.mkstemp(prefix="factory-", suffix=".log")[1] if uri else path
+    handler = logging.FileHandler(local, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger("ray")] + [
         logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
@@ -62,10 +61,10 @@ def ray_logs_to(root: str):
             lg.handlers, lg.propagate = handlers, propagate
         handler.close()
         if uri:
-            fs, base = open_location(root)
-            with open(path, "rb") as f:
-                put_atomic(fs, f"{base}/{LOG_FILE}", f.read())
-            os.remove(path)
+            fs, target = open_location(path)
+            with open(local, "rb") as f:
+                put_atomic(fs, target, f.read())
+            os.remove(local)
 
 
 def _fd(stream) -> int | None:

@@ -27,7 +27,7 @@ from actors.names import DEFAULT_MODEL, TINY
 from factory.errors import FactoryError
 from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 from factory.prompts import SamplePlan
-from factory.store import LOG_FILE, ShardLayout, ShardStore
+from factory.store import ShardLayout, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     except OSError as e:
         raise FactoryError(f"cannot write --out {o.out!r}: {e}") from None
     try:
-        with ray_logs_to(store.root) as console:
+        with ray_logs_to(store.log_path) as console:
             w, pools = _pipeline(o, plan, store, todo, labeller, console)
     except FactoryError:
         if new:
@@ -463,7 +463,7 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
     log.info("%d shards in %d work units of %d; pools: %s; Ray's log: %s", len(todo), units,
              unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
                              p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
-                             for p in pools.values()), f"{store.root}/{LOG_FILE}")
+                             for p in pools.values()), store.log_path)
     counter = ray.remote(num_cpus=0)(StageCounter).remote()
     planned = sum(len(store.shard_rows(k)) for k in todo)
     progress = Progress({"generator": units * unit, "labeller": units * unit,

@@ -210,6 +210,10 @@ class ShardStore:
     def shard_path(self, k: int) -> str:
         return self._join(DATA, self.layout.shard_name(k))
 
+    @property
+    def log_path(self) -> str:
+        return self._join(LOG_FILE)
+
     def _data_files(self) -> list[str]:
         layout = self.layout
         infos = layout.fs.get_file_info(pafs.FileSelector(layout.fs_path(DATA),

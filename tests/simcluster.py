@@ -12,8 +12,6 @@ import subprocess
 import sys
 import tempfile
 
-DRIVER_ENV = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-
 
 class SimulatedCluster:
     def __init__(self, cluster) -> None:
@@ -58,20 +56,23 @@ def simulated_cluster(gen_nodes: int = 2, label_nodes: int = 1):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def driver(argv: list[str], spy: str | None = None, **popen) -> subprocess.Popen:
-    """`factory ARGV` as its own driver process (as `ray job submit` would run it). With `spy`,
-    every object the driver fetches with ray.get is described (type, pickled size) in that
-    JSON file when it exits."""
+def driver(argv: list[str], report: str | None = None, **popen) -> subprocess.Popen:
+    """`factory ARGV` as its own driver process (as `ray job submit` would run it). With
+    `report`, the driver writes to that JSON file when it exits: its peak RSS and every object
+    it fetched with ray.get (type, pickled size)."""
     code = f"from factory.cli import main; main({argv!r})"
-    if spy:
-        code = SPY % spy + code
-    return subprocess.Popen([sys.executable, "-c", code], env=DRIVER_ENV,
+    if report:
+        code = REPORT.replace("REPORT_PATH", repr(report)) + code
+    # the environment as it is now: a local Ray started earlier in this process may have
+    # turned on token authentication (RAY_AUTH_MODE) for the nodes started after it
+    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    return subprocess.Popen([sys.executable, "-c", code], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-SPY = """
-import atexit, json, pickle, ray
-_get, _seen = ray.get, []
+REPORT = """
+import atexit, json, pickle, resource, ray
+_get, _fetched = ray.get, []
 def _spy(refs, *a, **k):
     out = _get(refs, *a, **k)
     for v in (out if isinstance(out, list) else [out]):
@@ -79,8 +80,10 @@ def _spy(refs, *a, **k):
             size = len(pickle.dumps(v))
         except Exception:
             size = -1
-        _seen.append([type(v).__module__ + "." + type(v).__name__, size])
+        _fetched.append([type(v).__module__ + "." + type(v).__name__, size])
     return out
 ray.get = _spy
-atexit.register(lambda: json.dump(_seen, open(%r, "w")))
+atexit.register(lambda: json.dump({
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "fetched": _fetched}, open(REPORT_PATH, "w")))
 """

@@ -33,12 +33,12 @@ def finish(proc, timeout=600):
 def undisturbed(cluster, tmp_path_factory):
     """A run on the cluster as it is, its driver watched by a ray.get spy."""
     root = tmp_path_factory.mktemp("cl")
-    out, spy = str(root / "out"), str(root / "spy.json")
+    out, report = str(root / "out"), str(root / "report.json")
     code, stdout, err = finish(driver([*RUN, "--address", cluster.address, "--out", out],
-                                      spy=spy))
+                                      report=report))
     assert code == 0, err
-    with open(spy) as f:
-        fetched = json.load(f)
+    with open(report) as f:
+        fetched = json.load(f)["fetched"]
     return out, stdout, err, fetched
 
 

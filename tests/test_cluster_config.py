@@ -39,7 +39,7 @@ def custom(resources: dict) -> set:
 
 def stage_types(config: dict) -> dict[str, list[str]]:
     """Stage resource -> names of the node types that offer it."""
-    from factory.pipeline import STAGE_RESOURCES
+    from factory.pools import STAGE_RESOURCES
 
     types = config["available_node_types"]
     return {res: [name for name, t in types.items() if t["resources"].get(res)]
@@ -69,7 +69,7 @@ def test_the_validator_refuses_a_broken_file(break_it):
 
 
 def test_head_runs_no_gpu_stage():
-    from factory.pipeline import STAGE_RESOURCES
+    from factory.pools import STAGE_RESOURCES
 
     config = load(CLUSTER)
     head = config["available_node_types"][config["head_node_type"]]["resources"]
@@ -79,7 +79,7 @@ def test_head_runs_no_gpu_stage():
 
 
 def test_stage_resources_sit_on_the_node_types_meant_for_them():
-    from factory.pipeline import STAGE_RESOURCES
+    from factory.pools import STAGE_RESOURCES
 
     config = load(CLUSTER)
     types = config["available_node_types"]
@@ -179,7 +179,7 @@ def test_local_cluster_file_passes_rays_validator():
 
 
 def test_local_hosts_take_their_stage_resources_from_their_own_file():
-    from factory.pipeline import STAGE_RESOURCES
+    from factory.pools import STAGE_RESOURCES
 
     config = load(LOCAL)
     assert "--resources" not in " ".join(config["head_start_ray_commands"])

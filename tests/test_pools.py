@@ -45,7 +45,7 @@ def test_without_autoscaler_auto_pools_may_grow_onto_nodes_started_by_hand():
 
 
 def test_mask_rcnn_labellers_are_sized_from_its_slower_speed():
-    lab = size_pools(view(gen=16, label=8, max_gen=16, max_label=8), units=100,
+    lab = size_pools(view(gen=16, label=8, gpus=24.0, max_gen=16, max_label=8), units=100,
                      labeller_images_per_s=MASKRCNN)["labeller"]
     assert (lab.min_size, lab.max_size) == (6, 6)  # 17 / 4.41 -> 3 generators each
 

@@ -22,6 +22,7 @@ from factory.errors import FactoryError
 log = logging.getLogger(__name__)
 
 RUN_NAME = "grounding"  # Ray Train's run folder under --out
+LOG_FILE = "train.log"  # Ray's and Ray Train's own output, under --out
 
 
 def train_loop_per_worker(cfg: dict) -> None:
@@ -74,10 +75,15 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Refuse a worker count the cluster cannot place, instead of waiting for it forever."""
+    """Refuse a worker count the cluster cannot place, even once its autoscaler has added
+    every node it may, instead of waiting for it forever."""
     import ray
 
-    have = ray.cluster_resources()
+    from factory.pools import autoscaler_max_resources
+
+    most = autoscaler_max_resources()
+    have = {r: max(v, most.get(r, 0)) for r, v in ray.cluster_resources().items()}
+    have.update({r: v for r, v in most.items() if r not in have})
     need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
     short = [f"{need[r]:g} {r}s (the cluster has {have.get(r, 0):g})"
              for r in ("CPU", "GPU") if need[r] > have.get(r, 0)]
@@ -141,6 +147,8 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size, "lr": lr,
            "weight_decay": weight_decay, "report_every": report_every, "skip_empty": skip_empty,
            "seed": seed, "resume_from": previous, "info": info}
+    from factory.console import ray_logs_to
+
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
         scaling_config=ray.train.ScalingConfig(
@@ -151,7 +159,9 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
             failure_config=ray.train.FailureConfig(max_failures=3)),
     )
-    return trainer.fit()
+    os.makedirs(out, exist_ok=True)
+    with ray_logs_to(os.path.join(out, LOG_FILE)):
+        return trainer.fit()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
