@@ -111,8 +111,8 @@ def test_stage_tags_give_nodes_and_busy_time_per_actor():
 
 
 def test_work_units_tile_the_shards_on_a_fixed_grid():
-    from factory.pipeline import work_units
     from factory.store import ShardLayout
+    from factory.units import work_units
 
     layout = ShardLayout(root="/unused", n=10, shard_size=4, kind="triplets")
     assert work_units(layout, [0, 1, 2], unit=3).tolist() == [[0, 4]]  # samples 0..11
