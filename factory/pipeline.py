@@ -386,6 +386,7 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
 def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int],
               labeller: Labeller, console):
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from factory.console import Progress, StageCounter
     from factory.pools import ClusterView, probe_output, size_pools, wait_for_placement
@@ -407,7 +408,10 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
              unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
                              p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
                              for p in pools.values()), store.log_path)
-    counter = ray.remote(num_cpus=0)(StageCounter).remote()
+    # on the driver's own node: a lost worker node must not take the progress counts with it
+    counter = ray.remote(num_cpus=0)(StageCounter).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
     planned = sum(len(store.shard_rows(k)) for k in todo)
     progress = Progress({"generator": units * unit, "labeller": units * unit,
                          "written": planned},

@@ -246,14 +246,14 @@ def wait_for_placement(pools: dict[str, Pool], timeout: float) -> None:
         + "; add nodes, wait for the autoscaler (--placement-timeout) or use fewer actors")
 
 
-def probe_output(root: str, nodes: list[str] | None = None) -> None:
+def probe_output(root: str) -> None:
     """Write and delete a probe file in `root`'s data folder from a task on every live node
-    that runs stages (or `nodes`), before any GPU work: an output the workers cannot write, or
-    cannot see (a node-local path on a multi-node cluster), is refused in one line."""
+    that runs stages, before any GPU work: an output the workers cannot write, or cannot see (a
+    node-local path on a multi-node cluster), is refused in one line."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = nodes or [n["NodeID"] for n in ray.nodes() if n.get("Alive") and any(
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and any(
         n["Resources"].get(r, 0) for r in STAGE_RESOURCES.values())]
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_task)
     refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
@@ -269,13 +269,14 @@ def _probe_task(root: str) -> str | None:
     """In a worker: None if `root` is a factory output this node sees and can write to."""
     import uuid
 
-    from factory.store import DATA, MANIFEST, open_location, put_atomic
+    from factory.store import DATA, MANIFEST, TEMP_PREFIX, open_location, put_atomic
 
     try:
         fs, base = open_location(root)
         if fs.get_file_info(f"{base}/{MANIFEST}").type.name != "File":
             return "it has no manifest there (a folder local to another node?)"
-        path = f"{base}/{DATA}/.probe-{uuid.uuid4().hex[:8]}"
+        # named like a temporary shard, so that a crash here leaves what a resume removes
+        path = f"{base}/{DATA}/{TEMP_PREFIX}probe.tmp-{uuid.uuid4().hex[:8]}"
         put_atomic(fs, path, b"probe")
         fs.delete_file(path)
     except Exception as e:  # noqa: BLE001 - any failure means the worker cannot write there
