@@ -346,9 +346,10 @@ def label(o: LabelOptions) -> RunResult:
 
 
 def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller) -> RunResult:
-    """Finish what the folder lacks: join the cluster, size and place the pools, check the
-    workers can write the output, then run the pipeline with a quiet console. A new folder
-    whose run is refused before any work (bad cluster or output) is removed again."""
+    """Finish what the folder lacks: make the folder, join the cluster, size and place the
+    pools, check the workers can write the output, then run the pipeline with a quiet console.
+    A new folder whose run is refused before any work (bad cluster or output) is removed
+    again."""
     from factory.console import ray_logs_to
     from factory.pools import connect_ray
 
@@ -366,13 +367,13 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
     start = time.perf_counter()
-    connect_ray(o.address)
     try:
         store.create()
     except OSError as e:
         raise FactoryError(f"cannot write --out {o.out!r}: {e}") from None
     try:
         with ray_logs_to(store.log_path) as console:
+            connect_ray(o.address)
             w, pools = _pipeline(o, plan, store, todo, labeller, console)
     except FactoryError:
         if new:

@@ -184,6 +184,7 @@ def test_job_refuses_more_workers_than_the_cluster_has(ray_local, known_mask_dat
     code, _, err = run_job(["--data", known_mask_data, "--out", str(tmp_path / "o"),
                             "--num-workers", "8"])
     assert code == 2 and "8 workers need 8 CPUs (the cluster has 2)" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_loading_a_folder_without_a_head_checkpoint(tmp_path):

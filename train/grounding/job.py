@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 
@@ -137,31 +138,38 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from factory.console import ray_logs_to
     from factory.pools import connect_ray
 
-    connect_ray(address)
-    check_placement(num_workers, use_gpu, cpus_per_worker)
-    ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
-          .map_batches(training_batch, fn_kwargs={"seen": store.manifest["seen"]},
-                       num_cpus=0.25))
-    cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size, "lr": lr,
-           "weight_decay": weight_decay, "report_every": report_every, "skip_empty": skip_empty,
-           "seed": seed, "resume_from": previous, "info": info}
-    from factory.console import ray_logs_to
-
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=out,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-            failure_config=ray.train.FailureConfig(max_failures=3)),
-    )
+    fresh = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
-    with ray_logs_to(os.path.join(out, LOG_FILE)):
-        return trainer.fit()
+    try:
+        with ray_logs_to(os.path.join(out, LOG_FILE)):
+            connect_ray(address)
+            check_placement(num_workers, use_gpu, cpus_per_worker)
+            ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
+                  .map_batches(training_batch, fn_kwargs={"seen": store.manifest["seen"]},
+                               num_cpus=0.25))
+            cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size,
+                   "lr": lr, "weight_decay": weight_decay, "report_every": report_every,
+                   "skip_empty": skip_empty, "seed": seed, "resume_from": previous,
+                   "info": info}
+            trainer = TorchTrainer(
+                train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=num_workers, use_gpu=use_gpu,
+                    resources_per_worker={"CPU": cpus_per_worker,
+                                          **({"GPU": 1} if use_gpu else {})}),
+                run_config=ray.train.RunConfig(
+                    name=RUN_NAME, storage_path=out,
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+                    failure_config=ray.train.FailureConfig(max_failures=3)),
+            )
+            return trainer.fit()
+    except FactoryError:
+        if fresh:  # refused before training: leave nothing behind
+            shutil.rmtree(out)
+        raise
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
