@@ -406,9 +406,7 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
                        or PLACEMENT_TIMEOUT["cluster" if o.address else "local"])
     probe_output(store.root)
     log.info("%d shards in %d work units of %d; pools: %s; Ray's log: %s", len(todo), units,
-             unit, ", ".join(f"{p.kind}s {p.min_size}" + (f"-{p.max_size}" if
-                             p.max_size > p.min_size else "") + f" ({p.gpus:g} GPU each)"
-                             for p in pools.values()), store.log_path)
+             unit, ", ".join(map(str, pools.values())), store.log_path)
     # on the driver's own node: a lost worker node must not take the progress counts with it
     counter = ray.remote(num_cpus=0)(StageCounter).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(

@@ -137,6 +137,11 @@ class Pool:
     def resource(self) -> str:
         return STAGE_RESOURCES[self.kind]
 
+    def __str__(self) -> str:  # "generators 2-8 (1 GPU each)"
+        size = (f"{self.min_size}-{self.max_size}" if self.max_size > self.min_size
+                else f"{self.min_size}")
+        return f"{self.kind}s {size} ({self.gpus:g} GPU each)"
+
     def bundle(self) -> dict[str, float]:
         """What one actor reserves."""
         return {"CPU": STAGE_CPUS, self.resource: 1, **({"GPU": self.gpus} if self.gpus else {})}
