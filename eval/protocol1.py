@@ -180,8 +180,13 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
     (on `gen` slots, as it regenerates images), sized like `factory generate`'s pools."""
     import ray
 
-    from factory.pipeline import PLACEMENT_TIMEOUT
-    from factory.pools import ClusterView, connect_ray, size_pools, wait_for_placement
+    from factory.pools import (
+        PLACEMENT_TIMEOUT,
+        ClusterView,
+        connect_ray,
+        size_pools,
+        wait_for_placement,
+    )
 
     connect_ray(address)
     run = store.manifest["run"]

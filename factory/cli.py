@@ -297,7 +297,7 @@ def demo(out: str | None) -> None:
     run_generate(GenerateOptions(out=path("test"), **DEMO_TEST))
     if not os.path.isfile(path("protocol1.json")):
         report = evaluate(path("test"), path("grounding"), "daam", min_area=0.0,
-                          batch_size=DEMO["batch_size"])
+                          batch_size=DEMO["batch_size"], ray_log=path("protocol1.log"))
         write_report(report, path("protocol1.json"))
     with open(path("protocol1.md"), encoding="utf-8") as f:
         click.echo(f.read().rstrip())

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from actors.names import DEFAULT_MODEL, TINY
 from factory.errors import FactoryError
-from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
+from factory.pools import IMAGES_PER_S, PLACEMENT_TIMEOUT, STAGE_CPUS, parse_pool_size
 from factory.prompts import SamplePlan
 from factory.store import ShardStore
 
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 UNIFORM_PAIRS_NOTICE = ("notice: no --pairs file, so two-class prompts pair classes uniformly "
                         "(the paper uses co-appearing pairs: make a file with `factory pairs`)")
-PLACEMENT_TIMEOUT = {"cluster": 600.0, "local": 10.0}  # seconds a pool may wait to be placed
 
 
 @dataclass

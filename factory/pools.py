@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 STAGE_RESOURCES = {"generator": "gen", "labeller": "label"}  # custom resource of each pool kind
 STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
 # must fit two actor pools plus the spec, row and write tasks without deadlocking.
+PLACEMENT_TIMEOUT = {"cluster": 600.0, "local": 10.0}  # seconds a pool may wait to be placed
 LABEL_SHARE = 0.2  # GPU share of a labeller on a node that also runs generators; they get the rest
 # Measured stage speeds (images/s), whose ratios size `auto` labeller pools.
 IMAGES_PER_S = {
