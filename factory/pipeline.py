@@ -358,7 +358,7 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
             log.info("removed temporary files of an interrupted run")
         if store.repair():
             log.info("recorded the shards an interrupted run finished")
-    todo = store.todo() if not new else list(range(store.num_shards))
+    todo = store.todo()
     skipped = store.num_shards - len(todo)
     if skipped:
         log.info("%d of %d shards already done; making the other %d",
