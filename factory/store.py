@@ -104,9 +104,6 @@ class ShardLayout:
     def shard_rows(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
 
-    def shard_of(self, index: int) -> int:
-        return index // self.shard_size
-
     @property
     def schema(self) -> pa.Schema:
         return SCHEMAS[self.kind]
@@ -146,8 +143,9 @@ class ShardStore:
     root: str
     manifest: dict
 
-    @property
+    @functools.cached_property
     def layout(self) -> ShardLayout:
+        """Made once per store, so that its filesystem (for a URI, a client) is opened once."""
         run = self.manifest["run"]
         return ShardLayout(self.root, run["n"], run["shard_size"], run["kind"])
 
@@ -346,7 +344,8 @@ class ShardStore:
     def discard(self) -> None:
         """Remove what `create` made for a run that then wrote no shard: its manifest, log and
         empty data folder, and the folder itself if nothing else is left in it."""
-        fs, layout = self.layout.fs, self.layout
+        layout = self.layout
+        fs = layout.fs
         if self.done():
             raise StoreError(f"{self.root!r} holds shards: not discarding it")
         for name in (MANIFEST, LOG_FILE):

@@ -44,6 +44,14 @@ def block_shards(block: pa.Table, shard_size: int) -> dict[int, int]:
     return dict(zip(shards.tolist(), counts.tolist(), strict=True))
 
 
+def add_busy(per: dict[str, list[float]], actor: str, busy: float, start: float,
+             end: float) -> None:
+    """Add a call (or a shard's calls) to an actor's [busy seconds, first start, last end]."""
+    acc = per.setdefault(actor, [0.0, start, end])
+    acc[0] += busy
+    acc[1], acc[2] = min(acc[1], start), max(acc[2], end)
+
+
 def stage_tags(table: pa.Table) -> tuple[dict, dict]:
     """A shard's tag columns -> ({stage: [node ids]}, {stage: {actor: [busy s, first start,
     last end]}})."""
@@ -56,9 +64,7 @@ def stage_tags(table: pa.Table) -> tuple[dict, dict]:
         cols = [table.column(f"_{stage}_{c}").to_pylist()
                 for c in ("actor", "busy", "start", "end")]
         for actor, b, start, end in zip(*cols, strict=True):
-            acc = per.setdefault(actor, [0.0, start, end])
-            acc[0] += b
-            acc[1], acc[2] = min(acc[1], start), max(acc[2], end)
+            add_busy(per, actor, b, start, end)
         busy[stage] = per
     return nodes, busy
 
@@ -95,9 +101,7 @@ class WriteResult:
         for stage, per in busy.items():
             mine = self.busy.setdefault(stage, {})
             for actor, (b, start, end) in per.items():
-                acc = mine.setdefault(actor, [0.0, start, end])
-                acc[0] += b
-                acc[1], acc[2] = min(acc[1], start), max(acc[2], end)
+                add_busy(mine, actor, b, start, end)
 
     def busy_fraction(self, stage: str) -> float | None:
         """The share of the stage's actor time spent inside calls: busy seconds over, for each
