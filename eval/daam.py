@@ -192,8 +192,9 @@ class DAAMLabeller:
                  precision: str | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"DAAM threshold must lie in [0, 1], got {threshold}")
+        # eager: DAAM records attention maps with Python hooks, which a compiled UNet skips
         self.generator = SDGenerator(model, steps=steps, guidance=guidance, device=device,
-                                     precision=precision)
+                                     precision=precision, compile=False)
         self.threshold = threshold
 
     @torch.inference_mode()

@@ -53,10 +53,18 @@ SD_OPTIONS = [
     click.option("--feature-step", type=int, default=None,
                  help="Denoising step whose input latent x_t is stored [default: last]."),
     click.option("--precision", default=None,
-                 help="float32 | float16 | bfloat16 [default: float16 on a GPU, else float32]."),
-    click.option("--compile/--no-compile", default=False,
-                 help="torch.compile the UNet (a one-off cost per actor and batch shape)."),
-    click.option("--batch-size", type=int, default=8, help="Images per generator call."),
+                 help="float32 | float16 | bfloat16 [default: bfloat16 on a GPU, else float32]."),
+    click.option("--compile/--no-compile", default=None,
+                 help="torch.compile the UNet, static shapes [default: on a GPU only]. The "
+                      "first actor on a node pays about a minute; the others load the cache."),
+    click.option("--compile-cache", default=None,
+                 help="Folder for torch.compile's cache; a shared mount serves every node "
+                      "[default: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/factory/torch-compile]."),
+    click.option("--fp8", is_flag=True,
+                 help="float8 Linear layers in the UNet (torchao, Ada/Hopper GPUs; lossy, see "
+                      "README's Performance)."),
+    click.option("--batch-size", type=int, default=16,
+                 help="Images per generator call; shorter batches are padded to it."),
 ]
 POOL_OPTIONS = [
     click.option("--label-batch-size", type=int, default=8, help="Images per labeller call."),

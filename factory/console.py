@@ -75,16 +75,29 @@ def _fd(stream) -> int | None:
 
 
 class StageCounter:
-    """A tiny Ray actor the pool stages tell how many rows they finished."""
+    """A tiny Ray actor the pool stages tell how many rows they finished, and when an actor
+    starts and ends its warm-up (model load and compile)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
+        self.warming_up: dict[str, int] = {}  # stage -> actors still warming up
+        self.warm_up_s: dict[str, list[float]] = {}  # stage -> each ready actor's warm-up
 
     def add(self, stage: str, n: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + n
 
+    def warming(self, stage: str) -> None:
+        self.warming_up[stage] = self.warming_up.get(stage, 0) + 1
+
+    def warmed(self, stage: str, seconds: float) -> None:
+        self.warming_up[stage] -= 1
+        self.warm_up_s.setdefault(stage, []).append(seconds)
+
     def counts(self) -> dict[str, int]:
         return dict(self.rows)
+
+    def warm_ups(self) -> tuple[dict[str, int], dict[str, list[float]]]:
+        return dict(self.warming_up), {k: list(v) for k, v in self.warm_up_s.items()}
 
 
 def _duration(seconds: float) -> str:
@@ -106,23 +119,31 @@ class Progress:
         self.start = self.shown = time.perf_counter()
         self.drawn = 0  # lines on screen to rewrite (terminal only)
 
-    def lines(self, done: dict[str, int]) -> list[str]:
+    def lines(self, done: dict[str, int], warming: dict[str, int] | None = None,
+              warm_up_s: dict[str, list[float]] | None = None) -> list[str]:
+        """`warming`: actors of a stage still warming up; `warm_up_s`: the finished warm-ups."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = []
         for key, label in self.labels.items():
             rows, total = done.get(key, 0), self.totals[key]
             rate = rows / elapsed
             eta = (total - rows) / rate if rate else float("inf")
-            out.append(f"{label:<18} {rows:>8}/{total} rows  {rate:7.2f} images/s  "
-                       f"ETA {_duration(eta)}")
+            line = (f"{label:<18} {rows:>8}/{total} rows  {rate:7.2f} images/s  "
+                    f"ETA {_duration(eta)}")
+            if (warming or {}).get(key):
+                line += f"  {warming[key]} actor(s) warming up (model load, compile)"
+            elif (warm_up_s or {}).get(key):
+                line += f"  warm-up {max(warm_up_s[key]):.0f} s"
+            out.append(line)
         return out
 
     def due(self) -> bool:
         return time.perf_counter() - self.shown >= (1.0 if self.tty else self.interval)
 
-    def show(self, done: dict[str, int]) -> None:
+    def show(self, done: dict[str, int], warming: dict[str, int] | None = None,
+             warm_up_s: dict[str, list[float]] | None = None) -> None:
         self.shown = time.perf_counter()
-        lines = self.lines(done)
+        lines = self.lines(done, warming, warm_up_s)
         if self.tty:
             up = f"\x1b[{self.drawn}F" if self.drawn else ""
             self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))

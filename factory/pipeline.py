@@ -45,9 +45,11 @@ class RunOptions:
     steps: int = 50
     guidance: float = 7.5
     feature_step: int | None = None  # None: the last denoising step
-    precision: str | None = None  # None: float16 on a GPU, float32 on the CPU
-    compile: bool = False
-    batch_size: int = 8
+    precision: str | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    compile: bool | None = None  # None: on a GPU only
+    compile_cache: str | None = None  # None: $TORCHINDUCTOR_CACHE_DIR or ~/.cache/factory/...
+    fp8: bool = False  # float8 Linear layers in the UNet (lossy; Ada/Hopper GPUs)
+    batch_size: int = 16
     label_batch_size: int = 8
     generators: str | int = "auto"  # auto: one per `gen` slot, growing as gen nodes join
     labellers: str | int = "auto"  # auto: from the measured ratio of the stages' speeds
@@ -100,6 +102,9 @@ class RunResult:
     dropped: int = 0  # samples left out by --min-quality in this call
     busy: dict[str, float | None] | None = None  # stage -> busy fraction of its actors' time
     pools: dict[str, tuple[int, int]] | None = None  # stage -> (min, max) actors
+    warm_up_s: dict[str, list[float]] | None = None  # stage -> each actor's warm-up seconds
+    # stage -> actor -> [busy seconds, first call's start, last call's end] (unix seconds)
+    actor_spans: dict[str, dict[str, list[float]]] | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -150,7 +155,7 @@ def _sd_run(o: RunOptions) -> dict:
     """The SD arguments that define a run's images."""
     return {"steps": o.steps, "guidance": o.guidance,
             "feature_step": o.steps - 1 if o.feature_step is None else o.feature_step,
-            "precision": o.precision or "auto"}
+            "precision": o.precision or "auto", "fp8": o.fp8}
 
 
 def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
@@ -291,7 +296,8 @@ def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.
                 stage=SDGenerator, batch_size=o.batch_size, name="generator", progress=counter,
                 kwargs=dict(model=run["model"], steps=o.steps, guidance=o.guidance,
                             feature_step=run["feature_step"], precision=o.precision,
-                            compile=o.compile)))
+                            compile=o.compile, compile_cache=o.compile_cache,
+                            batch_size=o.batch_size, fp8=o.fp8)))
         .map_batches(
             PoolStage, batch_size=unit, **lab.ray_args(), fn_constructor_kwargs=dict(
                 stage=labeller.cls, kwargs=labeller.kwargs, batch_size=o.label_batch_size,
@@ -373,14 +379,15 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     try:
         with ray_logs_to(store.log_path) as console:
             connect_ray(o.address)
-            w, pools = _pipeline(o, plan, store, todo, labeller, console)
+            w, pools, warm_up_s = _pipeline(o, plan, store, todo, labeller, console)
     except FactoryError:
         if new:
             store.discard()
         raise
     return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
                      w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
-                     pools={p.kind: (p.min_size, p.max_size) for p in pools.values()})
+                     pools={p.kind: (p.min_size, p.max_size) for p in pools.values()},
+                     warm_up_s=warm_up_s, actor_spans=w.busy)
 
 
 def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int],
@@ -418,10 +425,13 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
 
     def show(w, force=False):
         if force or progress.due():
-            progress.show({**ray.get(counter.counts.remote()), "written": w.written + w.dropped})
+            counts, (warming, warm_up_s) = ray.get([counter.counts.remote(),
+                                                    counter.warm_ups.remote()])
+            progress.show({**counts, "written": w.written + w.dropped}, warming, warm_up_s)
 
     ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
     w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
     show(w, force=True)
+    warm_up_s = ray.get(counter.warm_ups.remote())[1]
     ray.kill(counter)
-    return w, pools
+    return w, pools, warm_up_s

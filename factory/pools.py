@@ -295,16 +295,23 @@ class PoolStage:
     few batches), cut into the stage's own batches in order, so that a unit's outputs do not
     depend on how Ray grouped or retried it. Every row is tagged with the actor's node and its
     share of the call's busy time (columns `_<name>_node`, `_<name>_actor`, `_<name>_busy`,
-    `_<name>_start`, `_<name>_end`), which the shard writer records and strips."""
+    `_<name>_start`, `_<name>_end`), which the shard writer records and strips. A stage with a
+    `warm_up()` method (returning seconds) runs it before its first unit."""
 
     def __init__(self, stage: type, kwargs: dict, batch_size: int, name: str,
                  progress=None) -> None:
         import ray
 
+        if progress is not None:
+            progress.warming.remote(name)
         self.stage = stage(**kwargs)
+        # a compile (or any first-call cost) is paid here, shown as warm-up, not as a slow batch
+        warm = self.stage.warm_up() if hasattr(self.stage, "warm_up") else 0.0
         self.batch_size = batch_size
         self.name = name
         self.progress = progress
+        if progress is not None:
+            progress.warmed.remote(name, warm)
         ctx = ray.get_runtime_context()
         self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
 

@@ -193,7 +193,8 @@ class ShardStore:
     @property
     def shards(self) -> dict[int, dict]:
         """The manifest's record of each finished shard: rows, bytes, sha256, node (the Ray node
-        that wrote it), generators and labellers (the nodes whose actors made its rows)."""
+        that wrote it), generators and labellers (the nodes whose actors made its rows) and
+        written_at (unix seconds)."""
         return {int(k): v for k, v in self.manifest.get("shards", {}).items()}
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,6 +86,7 @@ def write_shard(layout: ShardLayout, k: int, keep: Callable | None, *blocks: pa.
         rows = rows.filter(mask)
     record = layout.write(k, rows, dropped)
     record["node"] = ray.get_runtime_context().get_node_id()
+    record["written_at"] = time.time()  # unix seconds: the run's timeline, for monitoring
     for stage, ids in nodes.items():
         record[f"{stage}s"] = ids
     return {"record": record, "busy": busy}

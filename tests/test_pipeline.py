@@ -76,6 +76,10 @@ def test_rerun_adds_nothing_and_a_lost_shard_comes_back_identical(ray_local, fir
     r = generate(GenerateOptions(out=out, split="pascal", fold="2", n=6, seed=3, model="tiny",
                                  steps=5, shard_size=4, batch_size=2, label_batch_size=3))
     assert (r.written, r.shards_written, r.shards_skipped) == (2, 1, 1)
+    assert set(r.warm_up_s) == {"generator", "labeller"}  # each actor's, shown while running
+    assert all(s >= 0 for secs in r.warm_up_s.values() for s in secs)
+    records = ShardStore.open(out).shards
+    assert records[1]["written_at"] > records[0]["written_at"]  # rewritten just now
     assert os.path.getmtime(store.shard_path(0)) == mtimes[0]
     assert pq.read_table(store.shard_path(1)).equals(tables[1])
 

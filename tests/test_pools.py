@@ -119,3 +119,20 @@ def test_work_units_tile_the_shards_on_a_fixed_grid():
     # resuming shard 2 (samples 8, 9): the unit grid does not move, so unit 2 (6..8) is redone
     assert work_units(layout, [2], unit=3).tolist() == [[2, 4]]
     assert np.array_equal(work_units(layout, [0, 2], unit=4), [[0, 1], [2, 3]])
+
+
+def test_progress_shows_actors_warming_up_then_their_warm_up_time():
+    from factory.console import Progress, StageCounter
+
+    counter = StageCounter()  # the Ray actor's class, called directly
+    counter.warming("generator")
+    counter.warming("generator")
+    counter.warmed("generator", 67.4)
+    progress = Progress({"generator": 32}, {"generator": "SD generator"})
+    line, = progress.lines(counter.counts(), *counter.warm_ups())
+    assert line.endswith("1 actor(s) warming up (model load, compile)")
+    counter.warmed("generator", 3.2)
+    counter.add("generator", 16)
+    line, = progress.lines(counter.counts(), *counter.warm_ups())
+    assert "16/32 rows" in line and line.endswith("warm-up 67 s")
+    assert counter.warm_ups() == ({"generator": 0}, {"generator": [67.4, 3.2]})

@@ -1,10 +1,12 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from actors.maskrcnn_labeller import MaskRCNNLabeller, build_torchvision_maskrcnn, class_masks
 from actors.names import DetectorNotFoundError, check_detector
-from actors.sd_generator import SDGenerator
+from actors.sd_generator import SDGenerator, precision_dtype
 from factory.schema import decode_masks
 
 
@@ -49,6 +51,33 @@ def test_x_t_is_the_latent_entering_the_feature_step(tiny_generator, generated):
         img = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     img = ((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round()
     assert np.abs(img - out["image"]).max() <= 1  # rounding to uint8 may flip at .5
+
+
+def test_a_short_batch_is_padded_to_the_compiled_size(generated, spec_batch):
+    """The compiled UNet must never meet a new shape: 3 samples run as 4, and the padding's
+    outputs are dropped, leaving what the unpadded call gives."""
+    batch, out = generated
+    padded = SDGenerator("tiny", steps=5, batch_size=4)
+    rows = []
+    padded.pipe.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    got = padded(batch)
+    assert rows and set(rows) == {8}  # 4 images x 2 CFG halves, at every step
+    assert got["image"].shape == out["image"].shape and len(got["t"]) == 3
+    np.testing.assert_allclose(got["image"], out["image"], atol=1)
+    assert np.abs(got["x_t"] - out["x_t"]).max() <= 1e-5 * np.abs(out["x_t"]).max()
+    assert list(got["prompt"]) == list(batch["prompt"])
+    with pytest.raises(ValueError, match="batch of 5 images for a generator of batch size 4"):
+        padded(spec_batch([("dog",)] * 5, list(range(5))))
+
+
+def test_measured_defaults_bf16_compiled_on_a_gpu_only():
+    assert precision_dtype(None, "cuda") == torch.bfloat16
+    assert precision_dtype(None, "cpu") == torch.float32
+    gen = SDGenerator("tiny", steps=2, device="cpu")
+    assert not gen.compiled and not hasattr(gen.pipe.unet, "_orig_mod")
+    assert not any(p.requires_grad for p in gen.pipe.unet.parameters())  # frozen before compile
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        SDGenerator("tiny", steps=2, compile=True, compile_mode="fast")
 
 
 def test_feature_step_zero_stores_the_initial_noise(spec_batch):
@@ -173,3 +202,33 @@ def test_detectron2_labels_coco_ids(tmp_path):
         (out,) = det([torch.rand(3, 64, 64)])
     assert out["masks"].shape[1:] == (1, 64, 64)
     assert set(out["labels"].tolist()) <= set(range(1, 91))
+
+
+COMPILE_ONCE = """
+import sys, torch
+from actors.sd_generator import use_compile_cache
+from torch._dynamo.utils import counters
+use_compile_cache(sys.argv[1])
+torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)(torch.ones(8))
+print(counters["inductor"]["fxgraph_cache_hit"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compile_from_the_shared_cache(tmp_path, monkeypatch):
+    """What a second generator actor on a node, or a resumed run, does: the first process
+    compiles into the cache folder, the next one loads from it."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+
+    def hits() -> int:
+        return int(subprocess.run([sys.executable, "-c", COMPILE_ONCE, str(cache)], check=True,
+                                  capture_output=True, text=True).stdout.split()[-1])
+
+    assert hits() == 0 and any(cache.iterdir())
+    assert hits() == 1
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    SDGenerator("tiny", steps=2, compile=True, compile_cache=str(cache))  # compiles lazily
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
