@@ -13,8 +13,11 @@ import click
 
 from actors.names import DEFAULT_MODEL
 from eval.protocol1 import cli as protocol1
+from eval.protocol2 import cli as protocol2
 from factory.errors import FactoryError
 from factory.pipeline import GenerateOptions, LabelOptions
+from train.grounding.job import cli as grounding_job
+from train.maskformer.job import cli as maskformer_job
 
 log = logging.getLogger("factory")
 
@@ -318,6 +321,16 @@ def eval_group() -> None:
 
 
 eval_group.add_command(protocol1, name="grounding")
+eval_group.add_command(protocol2, name="segmentation")
+
+
+@cli.group("train")
+def train_group() -> None:
+    """Training jobs on Ray Train (also `python -m train.grounding` / `train.maskformer`)."""
+
+
+train_group.add_command(grounding_job, name="grounding")
+train_group.add_command(maskformer_job, name="maskformer")
 
 
 def main(argv: list[str] | None = None) -> None:

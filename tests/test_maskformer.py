@@ -1,0 +1,173 @@
+"""MaskFormer for Protocol II: the model and its traps, the data stream, and the Ray Train job."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+from transformers import MaskFormerImageProcessor
+
+from factory.schema import SEGMENTATION_SCHEMA, encode_png
+from factory.store import ShardStore
+from train.maskformer.data import CLASS_LISTS, load_batch, open_sources, stream
+from train.maskformer.model import build_maskformer, image_processor, load_backbone
+
+SIZE = 48
+
+
+def toy_sample(rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A dark image with a red square (class 1, aeroplane) and/or a green one (class 8, cat):
+    labels are a known function of the pixels."""
+    image = rng.integers(0, 40, (size, size, 3), dtype=np.uint8)
+    label = np.zeros((size, size), dtype=np.uint8)
+    for cls, channel in ((1, 0), (8, 1)):
+        if rng.random() < 0.7:
+            s = int(rng.integers(size // 4, size // 2))
+            y, x = rng.integers(0, size - s, 2)
+            image[y:y + s, x:x + s] = 0
+            image[y:y + s, x:x + s, channel] = 220
+            label[y:y + s, x:x + s] = cls
+    return image, label
+
+
+def write_label_set(root: str, n: int, *, seed: int = 0, fold: str = "zs3",
+                    shard_size: int = 8) -> str:
+    """A `factory label`-style folder of n toy samples (what MaskFormer reads of it)."""
+    rng = np.random.default_rng(seed)
+    samples = [toy_sample(rng) for _ in range(n)]
+    run = {"kind": "segmentation", "split": "pascal", "fold": fold, "subset": "label", "n": n,
+           "shard_size": shard_size, "model": "tiny"}
+    store = ShardStore.create_or_resume(root, run, seen=[], unseen=[])
+    cols = {f.name: [None] * n for f in SEGMENTATION_SCHEMA}
+    cols.update(index=list(range(n)), split=["pascal"] * n, fold=[fold] * n,
+                image=[encode_png(im) for im, _ in samples],
+                label=[encode_png(lab) for _, lab in samples],
+                height=[SIZE] * n, width=[SIZE] * n)
+    table = pa.Table.from_pydict(cols, schema=SEGMENTATION_SCHEMA)
+    for k in range(store.num_shards):
+        store.write_shard(k, table.slice(k * shard_size, shard_size))
+    return root
+
+
+def write_voc(root: str, ids: list[str], seed: int = 1, size: int = 40) -> str:
+    rng = np.random.default_rng(seed)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for i in ids:
+        image, label = toy_sample(rng, size)
+        label[0, :] = 255  # VOC's object borders
+        label[1, :] = 18  # sofa: unseen in fold zs3
+        Image.fromarray(image).save(os.path.join(root, "JPEGImages", i + ".jpg"))
+        Image.fromarray(label).save(os.path.join(root, "SegmentationClass", i + ".png"))
+    with open(os.path.join(root, "ImageSets/Segmentation/train.txt"), "w") as f:
+        f.write("\n".join(ids) + "\n")
+    return root
+
+
+def test_the_head_has_one_more_class_than_the_labels_for_no_object():
+    model = build_maskformer("tiny", num_labels=21).eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.zeros(1, 3, 64, 64))
+    assert out.class_queries_logits.shape == (1, 16, 22)
+    assert build_maskformer("paper", 21).config.backbone_config.depths == [3, 4, 23, 3]
+
+
+def test_reduce_labels_would_turn_the_ignore_label_into_a_class():
+    """The trap: with do_reduce_labels, 255 becomes 254 and is trained as a class. Our
+    processor keeps it ignored (training ids are mapped beforehand)."""
+    label = np.array([[0, 1], [255, 255]], dtype=np.uint8)
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    reduced = MaskFormerImageProcessor(do_resize=False, do_reduce_labels=True, ignore_index=255)
+    assert 254 in reduced(images=[image], segmentation_maps=[label],
+                          return_tensors="pt")["class_labels"][0].tolist()
+    enc = image_processor()(images=[image], segmentation_maps=[label], return_tensors="pt")
+    assert enc["class_labels"][0].tolist() == [0, 1]
+    assert enc["mask_labels"][0][:, 1].sum() == 0  # ignored pixels belong to no target mask
+
+
+def test_label_values_map_to_training_ids():
+    pascal, coco = CLASS_LISTS["pascal"], CLASS_LISTS["coco"]
+    assert len(pascal.names) == 21 and len(coco.names) == 80
+    lut = pascal.lut(unseen=("sofa",))
+    assert lut[0] == 0 and lut[1] == 1 and lut[18] == 255 and lut[255] == 255 and lut[21] == 255
+    lut = coco.lut()
+    assert lut[0] == 255 and lut[1] == 0 and lut[90] == 79 and lut[12] == 255  # 12: no class
+
+
+def test_stream_resumes_at_a_position_with_the_same_items_and_crops(tmp_path):
+    label_set = write_label_set(str(tmp_path / "labels"), 20)
+    voc = write_voc(str(tmp_path / "voc"), [f"2007_{i:06d}" for i in range(5)])
+    sources, classes, fold = open_sources([label_set, voc])
+    assert (classes.name, fold) == ("pascal", "zs3")
+    whole = stream(sources, seed=3, start=0, count=60)  # 25 a epoch: over two epochs
+    assert stream(sources, seed=3, start=37, count=23) == whole[37:]
+    assert sorted(r["member"] for r in whole[:25]) == sorted(r["member"] for r in whole[25:50])
+    assert [r["member"] for r in whole[:25]] != [r["member"] for r in whole[25:50]]
+    cols = {k: np.array([r[k] for r in whole]) for k in whole[0]}
+    batch = load_batch(cols, sources=sources, seed=3, size=32)
+    assert batch["image"].shape == (60, 32, 32, 3) and batch["label"].shape == (60, 32, 32)
+    again = load_batch({k: v[37:] for k, v in cols.items()}, sources=sources, seed=3, size=32)
+    np.testing.assert_array_equal(again["image"], batch["image"][37:])
+    np.testing.assert_array_equal(again["label"], batch["label"][37:])
+    voc_labels = batch["label"][[r["source"] == 1 for r in whole]]
+    assert 18 not in voc_labels and set(np.unique(voc_labels)) <= {0, 1, 8, 255}
+
+
+def test_data_folders_must_agree(tmp_path):
+    a = write_label_set(str(tmp_path / "a"), 4, fold="zs3")
+    b = write_label_set(str(tmp_path / "b"), 4, fold="1")
+    with pytest.raises(ValueError, match="different splits or folds"):
+        open_sources([a, b])
+    with pytest.raises(ValueError, match="neither `factory label` output nor a VOC folder"):
+        open_sources([str(tmp_path)])
+
+
+def test_torchvision_resnet101_weights_load_into_the_backbone(tmp_path):
+    import torchvision
+
+    tv = torchvision.models.resnet101().eval()
+    path = str(tmp_path / "resnet101.pth")
+    torch.save(tv.state_dict(), path)
+    model = build_maskformer("paper", 21)
+    load_backbone(model, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.model.pixel_level_module.encoder.eval()(x).feature_maps[-1]
+        theirs = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(
+            tv.conv1(x))))))))
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="seen the unseen classes"):
+        load_backbone(model, str(tmp_path / "maskformer-swin-base-coco"))
+
+
+@pytest.fixture(scope="module")
+def toy_labels(tmp_path_factory):
+    return write_label_set(str(tmp_path_factory.mktemp("toy") / "labels"), 32)
+
+
+@pytest.mark.slow
+def test_ray_train_job_learns_checkpoints_reloads_and_resumes(ray_local, toy_labels, tmp_path):
+    from train.maskformer.job import PROBE, latest_checkpoint, load_maskformer, probe_input, train
+
+    out = str(tmp_path / "run")
+    args = dict(variant="tiny", crop=64, batch_size=4, lr=1e-3, num_workers=2,
+                cpus_per_worker=0.5, report_every=3)
+    first = train([toy_labels], out, steps=12, **args).metrics_dataframe
+    # the reports of the 3 checkpoints kept: steps 6, 9, 12
+    assert list(first["step"]) == [6, 9, 12] and list(first["position"]) == [48, 72, 96]
+    assert first["loss"].iloc[-1] < first["loss"].iloc[0]  # it learns
+    model, info = load_maskformer(out)
+    assert (info["step"], info["split"], info["fold"]) == (12, "pascal", "zs3")
+    with torch.no_grad():  # the reloaded weights give the logits the trainer saw at saving
+        again = model(pixel_values=probe_input())
+    saved = torch.load(os.path.join(latest_checkpoint(out), PROBE))
+    assert torch.equal(again.class_queries_logits, saved["class"])
+    assert torch.equal(again.masks_queries_logits, saved["mask"])
+    assert list(first["job_started_at_step"]) == [0, 0, 0]
+    resumed = train([toy_labels], out, steps=15, resume=True, **args).metrics_dataframe
+    # a resumed job starts at its saved step and stream position (items 96-119), not at 0
+    last = resumed.iloc[-1]
+    assert (last["step"], last["position"], last["job_started_at_step"]) == (15, 120, 12)
+    assert 96 <= last["job_first_item"] < 120

@@ -1,0 +1,151 @@
+"""Protocol II: VOC and COCO ground truth, the Table-2 metrics by hand, and the CLI's refusals."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval.metrics import IoUAccumulator
+from eval.protocol2 import (
+    Scorer,
+    coco_semantic,
+    evaluate,
+    main,
+    protocol2_split,
+    summarise,
+    write_report,
+)
+
+# (ground truth, prediction) in VOC values: 1 aeroplane, 15 person (seen in zs3), 18 sofa
+# (unseen), 0 background, 255 ignore; 50 is no VOC class (a prediction of nothing)
+A_GT = [[1, 1, 0, 0], [15, 15, 255, 18]]
+A_PRED = [[1, 0, 0, 0], [15, 1, 15, 50]]
+B_GT = [[18, 18], [0, 0]]
+B_PRED = [[18, 0], [0, 18]]
+
+
+def write_voc_val(root, images: dict[str, tuple]) -> str:
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    for name, (gt, _) in images.items():
+        gt = np.asarray(gt, dtype=np.uint8)
+        Image.fromarray(np.zeros((*gt.shape, 3), np.uint8)).save(
+            os.path.join(root, "JPEGImages", name + ".jpg"))
+        Image.fromarray(gt).save(os.path.join(root, "SegmentationClass", name + ".png"))
+    with open(os.path.join(root, "ImageSets/Segmentation/val.txt"), "w") as f:
+        f.write("\n".join(images) + "\n")
+    return root
+
+
+def write_predictions(folder, images: dict[str, tuple], use_truth=False) -> str:
+    os.makedirs(folder, exist_ok=True)
+    for name, (gt, pred) in images.items():
+        Image.fromarray(np.asarray(gt if use_truth else pred, dtype=np.uint8)).save(
+            os.path.join(folder, name + ".png"))
+    return folder
+
+
+def scored(pairs) -> dict:
+    scorer = Scorer("voc")
+    totals = {}
+    for gt, pred in pairs:
+        for conv, (inter, union) in scorer.counts(np.asarray(pred, np.uint8),
+                                                  np.asarray(gt, np.uint8)).items():
+            acc = totals.setdefault(conv, IoUAccumulator(21, include_background=True))
+            acc.intersection += np.asarray(inter)
+            acc.union += np.asarray(union)
+    return summarise(totals, "voc", *protocol2_split("voc", "zs3"))
+
+
+def test_voc_metrics_match_a_hand_count():
+    r = scored([(A_GT, A_PRED), (B_GT, B_PRED)])
+    # 20 classes, background ignored: aeroplane 1/3, person 1/2, sofa 1/3
+    assert r["voc20"]["per_class"] == pytest.approx({"aeroplane": 100 / 3, "person": 50.0,
+                                                     "sofa": 100 / 3})
+    assert (r["voc20"]["seen"], r["voc20"]["unseen"], r["voc20"]["harmonic"]) == pytest.approx(
+        (500 / 12, 100 / 3, 100 * 120 / 324))
+    # 21 classes: background 3/6 joins the seen classes, sofa 1/4
+    assert r["voc21"]["per_class"]["background"] == pytest.approx(50.0)
+    assert (r["voc21"]["seen"], r["voc21"]["unseen"], r["voc21"]["harmonic"]) == pytest.approx(
+        (400 / 9, 25.0, 32.0))
+    assert "cat" not in r["voc20"]["per_class"]  # absent from val: not averaged
+
+
+def test_perfect_predictions_score_100_everywhere():
+    r = scored([(A_GT, A_GT), (B_GT, B_GT)])
+    for conv in ("voc20", "voc21"):
+        assert (r[conv]["seen"], r[conv]["unseen"], r[conv]["harmonic"]) == (100, 100, 100)
+
+
+def test_coco_semantic_map_overlaps_crowds_and_empty_images():
+    def box(x, y, w, h):
+        return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+    anns = [{"category_id": 1, "area": 64, "iscrowd": 0, "segmentation": box(0, 0, 8, 8)},
+            {"category_id": 18, "area": 4, "iscrowd": 0, "segmentation": box(2, 2, 2, 2)},
+            {"category_id": 3, "area": 4, "iscrowd": 1, "segmentation": box(10, 0, 2, 2)}]
+    label = coco_semantic(anns, 12, 12)
+    assert label[3, 3] == 18 and label[0, 0] == 1 and label[6, 6] == 1  # the dog on top
+    assert label[1, 11] == 255 and label[11, 11] == 255  # crowd and no thing are ignored
+    assert (coco_semantic([], 5, 6) == 255).all() and coco_semantic([], 5, 6).shape == (5, 6)
+
+
+def test_coco_zs65_adds_mouse_to_the_fold_1_unseen():
+    seen, unseen = protocol2_split("coco", "zs65")
+    assert (len(seen), len(unseen)) == (65, 15) and "mouse" in unseen and "airplane" in unseen
+    assert protocol2_split("voc", "zs3")[1] == ["pottedplant", "sheep", "sofa", "train",
+                                                "tvmonitor"]
+
+
+@pytest.mark.slow
+def test_predictions_folder_through_ray_and_the_report(ray_local, tmp_path):
+    images = {"2007_000001": (A_GT, A_PRED), "2007_000002": (B_GT, B_PRED)}
+    voc = write_voc_val(str(tmp_path / "VOC2012"), images)
+    report = evaluate(voc=voc, predictions=write_predictions(str(tmp_path / "pred"), images))
+    assert report["conventions"] == scored(images.values())
+    out, md = write_report(report, str(tmp_path / "report" / "protocol2.json"))
+    assert json.load(open(out))["conventions"]["voc20"]["unseen"] == pytest.approx(100 / 3)
+    assert "| sofa (unseen) |" in open(md).read() and "(paper" in open(md).read()
+
+
+def test_bad_input_is_one_line(tmp_path, run_cli):
+    images = {"a": (A_GT, A_PRED), "b": (B_GT, B_PRED)}
+    voc = write_voc_val(str(tmp_path / "VOC2012"), images)
+    pred = write_predictions(str(tmp_path / "pred"), {"a": images["a"]})
+    no_val = str(tmp_path / "noval")
+    os.makedirs(no_val)
+    cases = [
+        (["--voc", voc, "--predictions", pred], "1 of 2 predictions missing"),
+        (["--voc", no_val, "--predictions", pred], "no ImageSets/Segmentation/val.txt"),
+        (["--coco", str(tmp_path), "--predictions", pred], "no annotations/instances_val2017"),
+        (["--voc", voc, "--predictions", pred, "--fold", "zs65"], "unknown fold 'zs65' for VOC"),
+        (["--voc", voc], "give one of --checkpoint or --predictions"),
+        (["--voc", voc, "--checkpoint", str(tmp_path)], "no MaskFormer checkpoint"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(main, argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_scored_and_one_of_another_fold_refused(ray_local, tmp_path, run_cli):
+    import torch
+
+    from train.maskformer.job import save_checkpoint
+    from train.maskformer.model import build_maskformer
+
+    model = build_maskformer("tiny", 21)
+    ckpt = str(tmp_path / "ckpt")
+    os.makedirs(ckpt)
+    save_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), 1, 8,
+                    {"kind": "maskformer", "split": "pascal", "fold": "zs3", "crop": 64})
+    images = {"a": (A_GT, A_PRED), "b": (B_GT, B_PRED)}
+    voc = write_voc_val(str(tmp_path / "VOC2012"), images)
+    report = evaluate(voc=voc, checkpoint=ckpt)
+    assert report["images"] == 2 and set(report["conventions"]) == {"voc20", "voc21"}
+    assert all(0 <= v <= 100 for r in report["conventions"].values()
+               for v in r["per_class"].values())
+    code, _, err = run_cli(main, ["--voc", voc, "--checkpoint", ckpt, "--fold", "1"])
+    assert code == 2 and "trained for pascal fold zs3, not VOC fold 1" in err

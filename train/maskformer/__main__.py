@@ -1,0 +1,3 @@
+from train.maskformer.job import main
+
+main()

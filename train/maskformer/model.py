@@ -1,0 +1,129 @@
+"""MaskFormer for Protocol II (paper sec. 5.2): transformers' `MaskFormerForInstanceSegmentation`
+with a ResNet backbone, its Hungarian-matched loss and its image processor, built from configs.
+
+Variants: `paper` (ResNet-101, the MaskFormer paper's pixel decoder and 6-layer transformer
+decoder with 100 queries) and `tiny` (a small ResNet, for tests and the demo). The backbone may
+start from ImageNet weights (`--backbone-weights`: torchvision's resnet101 state dict, or a
+folder holding a transformers ResNet); never from a segmentation checkpoint, which has seen the
+unseen classes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    DetrConfig,
+    MaskFormerConfig,
+    MaskFormerForInstanceSegmentation,
+    MaskFormerImageProcessor,
+    ResNetBackbone,
+    ResNetConfig,
+)
+
+from factory.schema import IGNORE  # label-map value that no loss or metric counts
+
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+SEGMENTATION_PRETRAINED = re.compile(r"mask2?former", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MaskFormerSpec:
+    """Sizes of a MaskFormer (defaults: the paper's, MaskFormer R-101 as in its ADE/COCO runs)."""
+
+    depths: tuple[int, ...] = (3, 4, 23, 3)  # ResNet-101
+    widths: tuple[int, ...] = (256, 512, 1024, 2048)
+    stem: int = 64
+    block: str = "bottleneck"
+    d_model: int = 256  # pixel decoder (FPN) and transformer decoder width
+    decoder_layers: int = 6
+    heads: int = 8
+    ffn: int = 2048
+    queries: int = 100
+
+    @classmethod
+    def tiny(cls) -> MaskFormerSpec:
+        return cls(depths=(1, 1, 1, 1), widths=(16, 32, 64, 64), stem=16, block="basic",
+                   d_model=32, decoder_layers=2, heads=4, ffn=64, queries=16)
+
+
+SPECS = {"paper": MaskFormerSpec, "tiny": MaskFormerSpec.tiny}
+
+
+def maskformer_config(spec: MaskFormerSpec, num_labels: int) -> MaskFormerConfig:
+    """The transformers config: `num_labels` classes, plus the no-object class the head adds."""
+    backbone = ResNetConfig(embedding_size=spec.stem, hidden_sizes=list(spec.widths),
+                            depths=list(spec.depths), layer_type=spec.block,
+                            out_features=STAGES)
+    decoder = DetrConfig(d_model=spec.d_model, decoder_layers=spec.decoder_layers,
+                         decoder_attention_heads=spec.heads, decoder_ffn_dim=spec.ffn,
+                         encoder_layers=0, num_queries=spec.queries)
+    return MaskFormerConfig(backbone_config=backbone, decoder_config=decoder,
+                            num_labels=num_labels, fpn_feature_size=spec.d_model,
+                            mask_feature_size=spec.d_model)
+
+
+def build_maskformer(variant: str, num_labels: int, backbone_weights: str | None = None,
+                     seed: int = 0) -> MaskFormerForInstanceSegmentation:
+    """A MaskFormer with random weights (seeded), the backbone from `backbone_weights` if
+    given."""
+    if variant not in SPECS:
+        raise ValueError(f"unknown MaskFormer variant {variant!r}: one of {', '.join(SPECS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MaskFormerForInstanceSegmentation(maskformer_config(SPECS[variant](), num_labels))
+    if backbone_weights:
+        load_backbone(model, backbone_weights)
+    return model
+
+
+def image_processor() -> MaskFormerImageProcessor:
+    """Targets and normalisation for fixed-size uint8 crops: no resizing, ImageNet mean/std,
+    255 ignored. `do_reduce_labels` stays off: it would turn the ignore label 255 into 254 (a
+    real class id); label maps are mapped to training ids beforehand instead."""
+    return MaskFormerImageProcessor(do_resize=False, do_rescale=True, do_normalize=True,
+                                    ignore_index=IGNORE, do_reduce_labels=False)
+
+
+def torchvision_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision ResNet state-dict keys -> transformers `ResNetBackbone` keys (fc dropped)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue
+        k = re.sub(r"^conv1\.", "embedder.embedder.convolution.", key)
+        k = re.sub(r"^bn1\.", "embedder.embedder.normalization.", k)
+        m = re.match(r"^layer(\d)\.(\d+)\.(.*)$", k)
+        if m:
+            stage, layer, rest = int(m[1]) - 1, m[2], m[3]
+            rest = re.sub(r"^conv(\d)\.", lambda c: f"layer.{int(c[1]) - 1}.convolution.", rest)
+            rest = re.sub(r"^bn(\d)\.", lambda c: f"layer.{int(c[1]) - 1}.normalization.", rest)
+            rest = re.sub(r"^downsample\.0\.", "shortcut.convolution.", rest)
+            rest = re.sub(r"^downsample\.1\.", "shortcut.normalization.", rest)
+            k = f"encoder.stages.{stage}.layers.{layer}.{rest}"
+        out[k] = value
+    return out
+
+
+def load_backbone(model: MaskFormerForInstanceSegmentation, path: str) -> None:
+    """ImageNet weights into the backbone: a torchvision resnet state-dict file, or a folder
+    holding a transformers ResNet (`save_pretrained`). Segmentation checkpoints are refused."""
+    if SEGMENTATION_PRETRAINED.search(os.path.basename(os.path.normpath(path))):
+        raise ValueError(f"{path!r} looks like a MaskFormer/Mask2Former checkpoint: those are "
+                         "trained on COCO or ADE segmentation and have seen the unseen classes; "
+                         "start from ImageNet backbone weights")
+    encoder = model.model.pixel_level_module.encoder
+    if os.path.isdir(path):
+        state = ResNetBackbone.from_pretrained(path, out_features=STAGES).state_dict()
+    elif os.path.isfile(path):
+        state = torchvision_to_hf(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        raise ValueError(f"no backbone weights at {path!r}")
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path!r} does not fit the backbone: "
+                         f"{str(e).splitlines()[1].strip()}") from None
