@@ -50,6 +50,12 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else device
 
 
+def write_result(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def results_path(name: str, device: str) -> str:
     """benchmarks/results/NAME-CARD.json, CARD as in 'NVIDIA H200' -> h200."""
     card = device_name(device).lower().removeprefix("nvidia ").split()[0]
@@ -380,9 +386,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_result(result, a.out)
 
     naive = time_naive(a) if a.naive_images else None
     result["naive"] = {"batch_size": 1, "precision": naive_precision(a), "compile": False,

@@ -34,7 +34,12 @@ from actors.batch import object_column  # noqa: E402
 from actors.maskrcnn_labeller import MaskRCNNLabeller  # noqa: E402
 from actors.names import SD15_RANDOM  # noqa: E402
 from actors.sd_generator import SDGenerator  # noqa: E402
-from benchmarks.generate import device_name, results_path, sync  # noqa: E402
+from benchmarks.generate import (  # noqa: E402
+    device_name,
+    results_path,
+    sync,
+    write_result,
+)
 from factory.pipeline import GenerateOptions, generate  # noqa: E402
 from factory.pools import connect_ray  # noqa: E402
 from factory.prompts import SamplePlan  # noqa: E402
@@ -171,9 +176,7 @@ def main() -> None:
         "wall_s": r.seconds, "overall_images_per_s": r.images_per_s,
         "busy": r.busy,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(result, a.out)
     print(f"labeller alone {label_rate:.1f} images/s -> GPU share {label_share}; stage alone "
           f"{gen_rate:.2f} images/s ({gen_source})")
     print(f"Ray start {ray_start:.1f} s; generator's first call after "

@@ -143,7 +143,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         first_item = min(first_item or np.inf, int(batch["position"].min()))
         step += 1
         if step % cfg["report_every"] == 0 or step == cfg["steps"]:
