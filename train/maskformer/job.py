@@ -144,7 +144,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         out.loss.backward()
         opt.step()
         losses.append(out.loss.item())
-        first_item = min(first_item or np.inf, int(batch["position"].min()))
+        low = int(batch["position"].min())
+        first_item = low if first_item is None else min(first_item, low)
         step += 1
         if step % cfg["report_every"] == 0 or step == cfg["steps"]:
             position = cfg["start_position"] + (step - cfg["start_step"]) * per_step
