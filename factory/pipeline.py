@@ -147,8 +147,24 @@ def _check_run(o: RunOptions, plan: SamplePlan, model: str) -> int:
         raise ValueError(f"feature step must lie in [0, {o.steps}), got {o.feature_step}")
     if o.precision is not None:
         check_precision(o.precision)
+    if o.fp8:
+        _check_fp8(local=not o.address)
     check_model_name(model)
     return n
+
+
+def _check_fp8(local: bool) -> None:
+    """--fp8 needs torchao everywhere and, on a local run, a GPU with float8 matrix units."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise ValueError("--fp8 needs torchao: `uv sync --extra fp8`")
+    if local:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+            raise ValueError("--fp8 needs an Ada or Hopper GPU (compute capability 8.9 or "
+                             "newer)")
 
 
 def _sd_run(o: RunOptions) -> dict:

@@ -40,6 +40,7 @@ def bad_pairs_file(tmp_path):
      "no Mask R-CNN weights"),
     (["--oracle", "best"], "unknown oracle 'best'"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--fp8"], "--fp8 needs torchao"),
     (["--feature-step", "50"], "feature step must lie in [0, 50)"),
     (["--batch-size", "0"], "batch size must be > 0"),
     (["--subset", "train", "--n", "x"], "'x' is not a valid integer"),
