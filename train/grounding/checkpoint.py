@@ -10,7 +10,6 @@ head.json has the highest step.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import pickle
@@ -18,6 +17,7 @@ from dataclasses import asdict
 
 import torch
 
+from train import jobs
 from train.grounding.model import GroundingHead, GroundingHeadConfig
 
 HEAD_WEIGHTS, HEAD_INFO, TRAIN_STATE = "head.pt", "head.json", "train.pt"
@@ -38,18 +38,12 @@ def save_checkpoint(folder: str, head: GroundingHead, opt: torch.optim.Optimizer
 
 
 def read_info(folder: str) -> dict:
-    with open(os.path.join(folder, HEAD_INFO), encoding="utf-8") as f:
-        return json.load(f)
+    return jobs.read_info(folder, HEAD_INFO)
 
 
 def latest_checkpoint(path: str) -> str | None:
     """`path` itself if it is a checkpoint folder, else its latest checkpoint below, or None."""
-    if os.path.isfile(os.path.join(path, HEAD_INFO)):
-        return path
-    found = glob.glob(os.path.join(path, "**", HEAD_INFO), recursive=True)
-    if not found:
-        return None
-    return os.path.dirname(max(found, key=lambda p: read_info(os.path.dirname(p))["step"]))
+    return jobs.latest_checkpoint(path, HEAD_INFO)
 
 
 def load_grounding_head(path: str, device: str | torch.device = "cpu"

@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from factory.errors import FactoryError
+from train import jobs
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,6 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
             raise FactoryError(f"{out!r} is trained to step {old['step']} already: raise --steps")
 
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from factory.console import ray_logs_to
     from factory.pools import connect_ray
@@ -154,18 +153,9 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
                    "lr": lr, "weight_decay": weight_decay, "report_every": report_every,
                    "skip_empty": skip_empty, "seed": seed, "resume_from": previous,
                    "info": info}
-            trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=num_workers, use_gpu=use_gpu,
-                    resources_per_worker={"CPU": cpus_per_worker,
-                                          **({"GPU": 1} if use_gpu else {})}),
-                run_config=ray.train.RunConfig(
-                    name=RUN_NAME, storage_path=out,
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-                    failure_config=ray.train.FailureConfig(max_failures=3)),
-            )
-            return trainer.fit()
+            return jobs.fit(train_loop_per_worker, cfg, ds, out=out, name=RUN_NAME,
+                            num_workers=num_workers, use_gpu=use_gpu,
+                            cpus_per_worker=cpus_per_worker)
     except FactoryError:
         if fresh:  # refused before training: leave nothing behind
             shutil.rmtree(out)

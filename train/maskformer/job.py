@@ -15,7 +15,6 @@ reload can be checked). `--resume` continues from the latest at its step and str
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import click
 import numpy as np
 
 from factory.errors import FactoryError
+from train import jobs
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,12 @@ def save_checkpoint(folder: str, model, opt, step: int, position: int, info: dic
 
 
 def read_info(folder: str) -> dict:
-    with open(os.path.join(folder, INFO), encoding="utf-8") as f:
-        return json.load(f)
+    return jobs.read_info(folder, INFO)
 
 
 def latest_checkpoint(path: str) -> str | None:
     """`path` itself if it is a checkpoint folder, else its latest checkpoint below, or None."""
-    if os.path.isfile(os.path.join(path, INFO)):
-        return path
-    found = glob.glob(os.path.join(path, "**", INFO), recursive=True)
-    if not found:
-        return None
-    return os.path.dirname(max(found, key=lambda p: read_info(os.path.dirname(p))["step"]))
+    return jobs.latest_checkpoint(path, INFO)
 
 
 def load_maskformer(path: str, device: str = "cpu"):
@@ -211,8 +205,6 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
         start_step, start_position = old["step"], old["position"]
 
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from factory.console import ray_logs_to
     from factory.pools import connect_ray
@@ -234,18 +226,9 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
                    "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                    "report_every": report_every, "seed": seed, "resume_from": previous,
                    "start_step": start_step, "start_position": start_position, "info": info}
-            trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=cfg, datasets={"train": ds},
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=num_workers, use_gpu=use_gpu,
-                    resources_per_worker={"CPU": cpus_per_worker,
-                                          **({"GPU": 1} if use_gpu else {})}),
-                run_config=ray.train.RunConfig(
-                    name=RUN_NAME, storage_path=out,
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-                    failure_config=ray.train.FailureConfig(max_failures=3)),
-            )
-            return trainer.fit()
+            return jobs.fit(train_loop_per_worker, cfg, ds, out=out, name=RUN_NAME,
+                            num_workers=num_workers, use_gpu=use_gpu,
+                            cpus_per_worker=cpus_per_worker)
     except FactoryError:
         if fresh:  # refused before training: leave nothing behind
             shutil.rmtree(out)

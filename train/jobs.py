@@ -1,0 +1,45 @@
+"""What the Ray Train jobs share: finding their checkpoint folders, and the trainer itself (one
+DDP worker per GPU or CPU workers, checkpoints under --out, restarts after worker failures)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable
+
+
+def read_info(folder: str, info_file: str) -> dict:
+    with open(os.path.join(folder, info_file), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def latest_checkpoint(path: str, info_file: str) -> str | None:
+    """`path` itself if it is a checkpoint folder (it holds `info_file`), else the checkpoint
+    below it whose info has the highest step, or None."""
+    if os.path.isfile(os.path.join(path, info_file)):
+        return path
+    found = glob.glob(os.path.join(path, "**", info_file), recursive=True)
+    if not found:
+        return None
+    return os.path.dirname(max(found, key=lambda p: read_info(os.path.dirname(p),
+                                                               info_file)["step"]))
+
+
+def fit(loop: Callable[[dict], None], cfg: dict, ds, *, out: str, name: str, num_workers: int,
+        use_gpu: bool, cpus_per_worker: float):
+    """Run `loop` on Ray Train with dataset `ds` as "train"; returns Ray Train's result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop, train_loop_config=cfg, datasets={"train": ds},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=out,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            failure_config=ray.train.FailureConfig(max_failures=3)),
+    )
+    return trainer.fit()
