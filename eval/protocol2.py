@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 
 import click
 import numpy as np
@@ -35,6 +36,8 @@ VOC_FOLDS = ("zs3", "1", "2", "3")
 COCO_FOLDS = ("zs65",)
 COCO_ANNOTATIONS = os.path.join("annotations", "instances_val2017.json")
 MISSING_SHOWN = 10
+
+log = logging.getLogger(__name__)
 
 
 def protocol2_split(dataset: str, fold: str) -> tuple[list[str], list[str]]:
@@ -181,21 +184,11 @@ class ScoreImages:
             self.to_values = np.asarray(classes.label_values, dtype=np.uint8)
 
     def predict(self, image_path: str) -> np.ndarray:
-        """The MaskFormer's label map (dataset values) at the image's size; the image is
-        resized so its shorter side is the training crop size."""
-        import torch
+        """The MaskFormer's label map (dataset values) at the image's size."""
+        from train.maskformer.model import predict_ids
 
-        image = Image.open(image_path).convert("RGB")
-        w, h = image.size
-        scale = self.crop / min(w, h)
-        small = np.asarray(image.resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                        Image.BILINEAR))
-        enc = self.processor(images=[small], return_tensors="pt",
-                             input_data_format="channels_last")
-        with torch.no_grad():
-            out = self.model(pixel_values=enc["pixel_values"].to(self.device))
-        ids = self.processor.post_process_semantic_segmentation(out, target_sizes=[(h, w)])[0]
-        return self.to_values[ids.cpu().numpy()]
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        return self.to_values[predict_ids(self.model, self.processor, image, self.crop)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = {"item": [], "counts": []}
@@ -256,27 +249,35 @@ def check_inputs(voc: str | None, coco: str | None, checkpoint: str | None,
 
 def evaluate(voc: str | None = None, coco: str | None = None, *, checkpoint: str | None = None,
              predictions: str | None = None, fold: str | None = None, batch_size: int = 16,
-             address: str | None = None) -> dict:
-    """Score the segmenter on the val images; returns the report."""
+             address: str | None = None, ray_log: str | None = None) -> dict:
+    """Score the segmenter on the val images; returns the report. Ray's own output goes to the
+    file `ray_log` (default: a new temporary file, named in the log)."""
     import ray
 
+    from factory.console import ray_logs_to
     from factory.pools import connect_ray
 
+    if batch_size <= 0:
+        raise FactoryError(f"batch size must be > 0, got {batch_size}")
     dataset, root, fold, items = check_inputs(voc, coco, checkpoint, predictions, fold)
     seen, unseen = protocol2_split(dataset, fold)
-    connect_ray(address)
-    gpu = 1 if checkpoint and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    ds = ray.data.from_items([{"item": i} for i in items]).map_batches(
-        ScoreImages, batch_size=batch_size, num_cpus=0.25, num_gpus=gpu, concurrency=1,
-        fn_constructor_kwargs=dict(dataset=dataset, root=root, checkpoint=checkpoint,
-                                   predictions=predictions))
+    if ray_log is None:
+        ray_log = tempfile.mkstemp(prefix="protocol2-", suffix=".log")[1]
+    log.info("Ray's log: %s", ray_log)
     n = len(CLASS_LISTS["pascal" if dataset == "voc" else "coco"].names)
     totals: dict[str, IoUAccumulator] = {}
-    for row in ds.iter_rows():
-        for conv, (inter, union) in json.loads(row["counts"]).items():
-            acc = totals.setdefault(conv, IoUAccumulator(n, include_background=True))
-            acc.intersection += np.asarray(inter)
-            acc.union += np.asarray(union)
+    with ray_logs_to(ray_log):
+        connect_ray(address)
+        gpu = 1 if checkpoint and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        ds = ray.data.from_items([{"item": i} for i in items]).map_batches(
+            ScoreImages, batch_size=batch_size, num_cpus=0.25, num_gpus=gpu, concurrency=1,
+            fn_constructor_kwargs=dict(dataset=dataset, root=root, checkpoint=checkpoint,
+                                       predictions=predictions))
+        for row in ds.iter_rows():
+            for conv, (inter, union) in json.loads(row["counts"]).items():
+                acc = totals.setdefault(conv, IoUAccumulator(n, include_background=True))
+                acc.intersection += np.asarray(inter)
+                acc.union += np.asarray(union)
     report = {"dataset": dataset, "root": os.path.abspath(root), "fold": fold,
               "images": len(items), "seen": seen, "unseen": unseen,
               "checkpoint": checkpoint, "predictions": predictions,
@@ -341,7 +342,7 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 def cli(out: str | None, **kwargs) -> None:
     """Protocol II: zero-shot semantic segmentation of real VOC or COCO images."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = evaluate(**kwargs)
+    report = evaluate(**kwargs, ray_log=os.path.splitext(out)[0] + ".log" if out else None)
     click.echo(f"Protocol II, {report['dataset'].upper()} fold {report['fold']}: "
                f"{report['images']} val images, mIoU (%)")
     click.echo(report["markdown"])

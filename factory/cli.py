@@ -26,6 +26,9 @@ DEMO = dict(split="pascal", fold="1", subset="train", n=16, shard_size=8, model=
 DEMO_TRAIN = dict(steps=10, batch_size=4, report_every=5, cpus_per_worker=0.5)
 DEMO_LABEL = dict(n=8, shard_size=8, batch_size=4, label_batch_size=4)
 DEMO_TEST = {**DEMO, "subset": "test", "n": 8}
+DEMO_MASKFORMER = dict(variant="tiny", steps=4, batch_size=2, crop=64, report_every=4,
+                       cpus_per_worker=0.5)
+DEMO_VOC = 8  # drawn val images for Protocol II
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -271,16 +274,21 @@ def demo(out: str | None) -> None:
     """The whole job on tiny random-weight models (no downloads), in DIR: generate training
     triplets (triplets/), train the grounding head briefly (grounding/), label new images of every
     class with it (labels/), export them (export/coco, export/voc), draw grid.png, and score the
-    head and DAAM on a small test set (test/) by Protocol I (protocol1.json, .md). A rerun
-    finishes what is missing."""
+    head and DAAM on a small test set (test/) by Protocol I (protocol1.json, .md); then train a
+    tiny MaskFormer on the labels (maskformer/) and score it by Protocol II on a VOC-layout
+    folder of drawn shapes (voc/, protocol2.json, .md). A rerun finishes what is missing."""
     import math
 
     from eval.protocol1 import evaluate, write_report
+    from eval.protocol2 import evaluate as evaluate_segmentation
+    from eval.protocol2 import write_report as write_segmentation_report
     from factory.export import export as export_folder
     from factory.show import contact_sheet
     from factory.stats import dataset_stats, format_stats
+    from factory.toyvoc import write_shapes_voc
     from train.grounding.checkpoint import latest_checkpoint, read_info
     from train.grounding.job import train
+    from train.maskformer import job as maskformer
 
     out = out or tempfile.mkdtemp(prefix="factory-demo-")
     path = functools.partial(os.path.join, out)
@@ -313,6 +321,25 @@ def demo(out: str | None) -> None:
     with open(path("protocol1.md"), encoding="utf-8") as f:
         click.echo(f.read().rstrip())
     click.echo("(random weights: the measured rows are meaningless, they show the machinery)")
+    done = (maskformer.latest_checkpoint(path("maskformer"))
+            if os.path.isdir(path("maskformer")) else None)
+    if done is None:
+        m = maskformer.train([path("labels")], path("maskformer"), **DEMO_MASKFORMER).metrics
+    else:
+        m = maskformer.read_info(done)
+    click.echo(f"MaskFormer ({DEMO_MASKFORMER['variant']}): {m['step']} steps on the labels, "
+               f"loss {m['loss']:.4f}")
+    if not os.path.isfile(path("protocol2.json")):
+        voc = path("voc", "VOC2012")
+        if not os.path.isdir(voc):
+            write_shapes_voc(voc, DEMO_VOC)
+        report = evaluate_segmentation(voc=voc, checkpoint=path("maskformer"),
+                                       fold=DEMO["fold"], ray_log=path("protocol2.log"))
+        write_segmentation_report(report, path("protocol2.json"))
+    with open(path("protocol2.md"), encoding="utf-8") as f:
+        click.echo(f.read().rstrip())
+    click.echo("(a few steps on noise images, scored on drawn shapes: these Protocol II numbers "
+               "are meaningless too)")
 
 
 @cli.group("eval")

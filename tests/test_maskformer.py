@@ -9,10 +9,17 @@ import torch
 from PIL import Image
 from transformers import MaskFormerImageProcessor
 
+from eval.metrics import IoUAccumulator
 from factory.schema import SEGMENTATION_SCHEMA, encode_png
 from factory.store import ShardStore
 from train.maskformer.data import CLASS_LISTS, load_batch, open_sources, stream
-from train.maskformer.model import build_maskformer, image_processor, load_backbone
+from train.maskformer.model import (
+    build_maskformer,
+    image_processor,
+    load_backbone,
+    predict_ids,
+    training_loss,
+)
 
 SIZE = 48
 
@@ -74,6 +81,45 @@ def test_the_head_has_one_more_class_than_the_labels_for_no_object():
     assert build_maskformer("paper", 21).config.backbone_config.depths == [3, 4, 23, 3]
 
 
+def test_queries_start_apart_as_in_the_original_code():
+    """transformers' own init (N(0, 0.02) decoder weights and queries) gives every query the
+    same output at the start (spread ~0.004), and training never separates them."""
+    model = build_maskformer("tiny", num_labels=21).eval()
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 64, 64,
+                                             generator=torch.Generator().manual_seed(0)))
+    spread = out.transformer_decoder_last_hidden_state.std(dim=1).mean()  # across queries
+    assert spread > 0.1
+
+
+def test_a_tiny_maskformer_learns_the_toy_shapes(tmp_path):
+    """On the job's stream, crops and loss, a tiny MaskFormer learns to segment held-out toy
+    images (mIoU of background, aeroplane and cat > 0.8: 0.87 here; 0.27 if it learns one mask)."""
+    sources, classes, _ = open_sources([write_label_set(str(tmp_path / "labels"), 64)])
+    steps, batch, crop = 500, 8, 64  # crops upscale the 48-pixel images: masks at 1/4 size
+    rows = stream(sources, seed=0, start=0, count=steps * batch)
+    data = load_batch({k: np.array([r[k] for r in rows]) for k in rows[0]}, sources=sources,
+                      seed=0, size=crop)
+    model = build_maskformer("tiny", len(classes.names)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    processor = image_processor()
+    with torch.random.fork_rng(devices=[]):  # the decoder's dropout
+        torch.manual_seed(0)
+        for step in range(steps):
+            part = slice(step * batch, (step + 1) * batch)
+            loss = training_loss(model, processor, data["image"][part], data["label"][part])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    acc = IoUAccumulator(len(classes.names), include_background=True)
+    rng = np.random.default_rng(99)  # not the training set's seed
+    for _ in range(16):
+        image, label = toy_sample(rng)
+        acc.update(predict_ids(model, processor, image, crop), label)
+    assert acc.miou([0, 1, 8]) > 0.8, acc.iou([0, 1, 8])
+
+
 def test_reduce_labels_would_turn_the_ignore_label_into_a_class():
     """The trap: with do_reduce_labels, 255 becomes 254 and is trained as a class. Our
     processor keeps it ignored (training ids are mapped beforehand)."""
@@ -122,6 +168,35 @@ def test_data_folders_must_agree(tmp_path):
         open_sources([a, b])
     with pytest.raises(ValueError, match="neither `factory label` output nor a VOC folder"):
         open_sources([str(tmp_path)])
+
+
+def test_job_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, run_cli):
+    from train.maskformer.job import main
+
+    a = write_label_set(str(tmp_path / "a"), 4, fold="zs3")
+    b = write_label_set(str(tmp_path / "b"), 4, fold="1")
+    coco = write_label_set(str(tmp_path / "coco"), 4, fold="zs3")
+    manifest = os.path.join(coco, "manifest.json")
+    with open(manifest) as f:
+        text = f.read()
+    assert '"split": "pascal"' in text
+    with open(manifest, "w") as f:  # the same set, labelled as COCO classes
+        f.write(text.replace('"split": "pascal"', '"split": "coco"'))
+    out = str(tmp_path / "run")
+    cases = [
+        (["--data", a, "--data", b], "different splits or folds"),
+        (["--data", a, "--data", coco], "different splits or folds"),
+        (["--data", a, "--backbone-weights", "maskformer-swin-base-coco"], "seen the unseen"),
+        (["--data", a, "--backbone-weights", str(tmp_path / "none.pth")], "no backbone weights"),
+        (["--data", a, "--variant", "huge"], "unknown variant 'huge'"),
+        (["--data", a, "--steps", "0"], "steps must be > 0"),
+        (["--data", a, "--resume"], "nothing to resume"),
+        (["--data", str(tmp_path)], "neither `factory label` output nor a VOC folder"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli(main, [*argv, "--out", out])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not os.path.exists(out)
 
 
 def test_torchvision_resnet101_weights_load_into_the_backbone(tmp_path):

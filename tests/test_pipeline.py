@@ -119,6 +119,15 @@ def test_demo_runs_the_whole_chain_and_can_run_again(ray_local, tmp_path, capsys
     report = json.loads((demo / "protocol1.json").read_text())
     assert report["kept"] == 8 and set(report["rows"]) == {"grounding head", "DAAM"}
     assert "| grounding head |" in text and "meaningless" in text
+    assert "MaskFormer (tiny): 4 steps on the labels, loss" in text
+    segmentation = json.loads((demo / "protocol2.json").read_text())
+    assert (segmentation["dataset"], segmentation["fold"], segmentation["images"]) == (
+        "voc", "1", 8)
+    assert set(segmentation["conventions"]) == {"voc20", "voc21"}
+    assert "| VOC, 20 classes, background ignored (the paper's table) |" in text
+    assert "Protocol II numbers are meaningless" in text
     main(["demo", "--out", str(demo)])
     text = capsys.readouterr().out
     assert text.count("nothing to do: all") == 3 and "grounding head: 10 steps" in text
+    assert "MaskFormer (tiny): 4 steps on the labels" in text
+    assert json.loads((demo / "protocol2.json").read_text()) == segmentation

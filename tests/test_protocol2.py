@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -116,9 +117,18 @@ def test_bad_input_is_one_line(tmp_path, run_cli):
     pred = write_predictions(str(tmp_path / "pred"), {"a": images["a"]})
     no_val = str(tmp_path / "noval")
     os.makedirs(no_val)
+    no_images = write_voc_val(str(tmp_path / "noimages"), images)
+    shutil.rmtree(os.path.join(no_images, "JPEGImages"))
+    no_labels = write_voc_val(str(tmp_path / "nolabels"), images)
+    shutil.rmtree(os.path.join(no_labels, "SegmentationClass"))
     cases = [
         (["--voc", voc, "--predictions", pred], "1 of 2 predictions missing"),
         (["--voc", no_val, "--predictions", pred], "no ImageSets/Segmentation/val.txt"),
+        (["--voc", no_images, "--predictions", pred], "not a VOC folder: no JPEGImages"),
+        (["--voc", no_labels, "--predictions", pred], "not a VOC folder: no SegmentationClass"),
+        (["--voc", voc, "--predictions", str(tmp_path / "nowhere")], "is not a folder"),
+        (["--voc", voc, "--coco", voc, "--predictions", pred], "give one of --voc or --coco"),
+        (["--voc", voc, "--predictions", pred, "--batch-size", "0"], "batch size must be > 0"),
         (["--coco", str(tmp_path), "--predictions", pred], "no annotations/instances_val2017"),
         (["--voc", voc, "--predictions", pred, "--fold", "zs65"], "unknown fold 'zs65' for VOC"),
         (["--voc", voc], "give one of --checkpoint or --predictions"),
@@ -129,8 +139,24 @@ def test_bad_input_is_one_line(tmp_path, run_cli):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
-@pytest.mark.slow
-def test_a_checkpoint_is_scored_and_one_of_another_fold_refused(ray_local, tmp_path, run_cli):
+def test_the_demos_drawn_voc_folder_reads_as_voc_val(tmp_path):
+    from eval.protocol2 import ground_truth, voc_items
+    from factory.toyvoc import write_shapes_voc
+
+    root = write_shapes_voc(str(tmp_path / "VOC2012"), 3, seed=4)
+    items = voc_items(root)
+    assert len(items) == 3
+    for item in items:
+        label, image_path = ground_truth("voc", root, item)
+        image = np.asarray(Image.open(image_path).convert("RGB")).astype(int)
+        assert Image.open(os.path.join(root, "SegmentationClass", item + ".png")).mode == "P"
+        assert set(np.unique(label)) - {0, 255} and set(np.unique(label)) <= set(range(21)) | {255}
+        # the shapes are drawn where the label says (JPEG blurs their edges a little)
+        assert image[label == 0].max(axis=1).mean() < 70 < image[label != 0].max(axis=1).mean()
+
+
+def test_a_checkpoint_of_another_split_or_fold_is_refused(tmp_path, run_cli, capsys):
+    """(Scoring a checkpoint through Ray is the demo's last step: tests/test_pipeline.py.)"""
     import torch
 
     from train.maskformer.job import save_checkpoint
@@ -141,11 +167,16 @@ def test_a_checkpoint_is_scored_and_one_of_another_fold_refused(ray_local, tmp_p
     os.makedirs(ckpt)
     save_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), 1, 8,
                     {"kind": "maskformer", "split": "pascal", "fold": "zs3", "crop": 64})
-    images = {"a": (A_GT, A_PRED), "b": (B_GT, B_PRED)}
-    voc = write_voc_val(str(tmp_path / "VOC2012"), images)
-    report = evaluate(voc=voc, checkpoint=ckpt)
-    assert report["images"] == 2 and set(report["conventions"]) == {"voc20", "voc21"}
-    assert all(0 <= v <= 100 for r in report["conventions"].values()
-               for v in r["per_class"].values())
-    code, _, err = run_cli(main, ["--voc", voc, "--checkpoint", ckpt, "--fold", "1"])
-    assert code == 2 and "trained for pascal fold zs3, not VOC fold 1" in err
+    capsys.readouterr()  # transformers' "Writing model shards" bar
+    voc = write_voc_val(str(tmp_path / "VOC2012"), {"a": (A_GT, A_PRED)})
+    os.makedirs(os.path.join(tmp_path, "annotations"))
+    with open(os.path.join(tmp_path, "annotations", "instances_val2017.json"), "w") as f:
+        json.dump({"images": [], "annotations": [], "categories": []}, f)
+    for argv, message in [
+        (["--voc", voc, "--fold", "1"], "trained for pascal fold zs3, not VOC fold 1"),
+        (["--coco", str(tmp_path)], "trained for pascal fold zs3, not COCO fold zs65"),
+    ]:
+        code, _, err = run_cli(main, [*argv, "--checkpoint", ckpt, "--out",
+                                      str(tmp_path / "r.json")])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(tmp_path / "r.json")

@@ -90,7 +90,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import torch
     from transformers import MaskFormerForInstanceSegmentation
 
-    from train.maskformer.model import build_maskformer, image_processor
+    from train.maskformer.model import build_maskformer, image_processor, training_loss
 
     device = ray.train.torch.get_device()
     state, folder = None, None
@@ -129,15 +129,11 @@ def train_loop_per_worker(cfg: dict) -> None:
         if skip > 0:
             skip -= 1
             continue
-        enc = processor(images=list(batch["image"]), segmentation_maps=list(batch["label"]),
-                        return_tensors="pt", input_data_format="channels_last")
-        out = ddp(pixel_values=enc["pixel_values"].to(device),
-                  mask_labels=[m.to(device) for m in enc["mask_labels"]],
-                  class_labels=[c.to(device) for c in enc["class_labels"]])
+        loss = training_loss(ddp, processor, batch["image"], batch["label"])
         opt.zero_grad()
-        out.loss.backward()
+        loss.backward()
         opt.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         low = int(batch["position"].min())
         first_item = low if first_item is None else min(first_item, low)
         step += 1
@@ -149,7 +145,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
-                    save_checkpoint(d, model, opt, step, position, cfg["info"])
+                    save_checkpoint(d, model, opt, step, position,
+                                    {**cfg["info"], "loss": metrics["loss"]})
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                     log.info("step %d: loss %.4f", step, metrics["loss"])
                 ray.train.report(metrics, checkpoint=checkpoint)  # all ranks report

@@ -14,7 +14,9 @@ import os
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import (
     DetrConfig,
     MaskFormerConfig,
@@ -75,9 +77,48 @@ def build_maskformer(variant: str, num_labels: int, backbone_weights: str | None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = MaskFormerForInstanceSegmentation(maskformer_config(SPECS[variant](), num_labels))
+        init_like_the_original(model)
     if backbone_weights:
         load_backbone(model, backbone_weights)
     return model
+
+
+def init_like_the_original(model: MaskFormerForInstanceSegmentation) -> None:
+    """The transformer decoder initialised as MaskFormer's own code does (DETR's): xavier
+    weights and N(0, 1) query embeddings. transformers draws both from N(0, 0.02), which suits
+    loading its checkpoints but, trained from scratch, leaves every query's output alike (the
+    decoder starts from zeros and its attention stays uniform), so all queries learn one mask."""
+    transformer = model.model.transformer_module
+    for p in transformer.decoder.parameters():
+        if p.dim() > 1:
+            torch.nn.init.xavier_uniform_(p)
+    torch.nn.init.normal_(transformer.queries_embedder.weight)
+
+
+def training_loss(model: MaskFormerForInstanceSegmentation, processor: MaskFormerImageProcessor,
+                  images: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+    """MaskFormer's Hungarian-matched loss on fixed-size crops. images: B x S x S x 3 uint8;
+    labels: B x S x S training ids, IGNORE where no class counts."""
+    enc = processor(images=list(images), segmentation_maps=list(labels), return_tensors="pt",
+                    input_data_format="channels_last")
+    device = next(model.parameters()).device
+    return model(pixel_values=enc["pixel_values"].to(device),
+                 mask_labels=[m.to(device) for m in enc["mask_labels"]],
+                 class_labels=[c.to(device) for c in enc["class_labels"]]).loss
+
+
+def predict_ids(model: MaskFormerForInstanceSegmentation, processor: MaskFormerImageProcessor,
+                image: np.ndarray, short_side: int) -> np.ndarray:
+    """H x W training ids for an H x W x 3 uint8 image, predicted with its shorter side resized
+    to `short_side` (the training crop size) and the logits resized back."""
+    h, w = image.shape[:2]
+    scale = short_side / min(w, h)
+    small = np.asarray(Image.fromarray(image).resize(
+        (max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
+    enc = processor(images=[small], return_tensors="pt", input_data_format="channels_last")
+    with torch.no_grad():
+        out = model(pixel_values=enc["pixel_values"].to(next(model.parameters()).device))
+    return processor.post_process_semantic_segmentation(out, target_sizes=[(h, w)])[0].cpu().numpy()
 
 
 def image_processor() -> MaskFormerImageProcessor:
