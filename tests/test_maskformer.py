@@ -133,6 +133,25 @@ def test_reduce_labels_would_turn_the_ignore_label_into_a_class():
     assert enc["mask_labels"][0][:, 1].sum() == 0  # ignored pixels belong to no target mask
 
 
+def test_mixed_sizes_would_pad_binary_masks_with_255_so_crops_share_one_size(tmp_path):
+    """The trap: the processor pads a smaller image's 0/1 target masks with 255, a value the
+    mask loss takes at face value. The training stream crops every source to one size."""
+    enc = image_processor()(images=[np.zeros((2, 2, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)],
+                            segmentation_maps=[np.ones((2, 2), np.uint8),
+                                               np.ones((4, 4), np.uint8)],
+                            return_tensors="pt", input_data_format="channels_last")
+    assert enc["mask_labels"][0][0, 3, 3] == 255
+    sources, _, _ = open_sources([write_label_set(str(tmp_path / "labels"), 4),  # 48 pixels
+                                  write_voc(str(tmp_path / "voc"), ["a", "b"])])  # 40 pixels
+    rows = stream(sources, seed=0, start=0, count=6)
+    batch = load_batch({k: np.array([r[k] for r in rows]) for k in rows[0]}, sources=sources,
+                       seed=0, size=32)
+    assert batch["image"].shape == (6, 32, 32, 3) and batch["label"].shape == (6, 32, 32)
+    masks = image_processor()(images=list(batch["image"]), segmentation_maps=list(batch["label"]),
+                              return_tensors="pt", input_data_format="channels_last")["mask_labels"]
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} for m in masks)
+
+
 def test_label_values_map_to_training_ids():
     pascal, coco = CLASS_LISTS["pascal"], CLASS_LISTS["coco"]
     assert len(pascal.names) == 21 and len(coco.names) == 80
