@@ -34,7 +34,7 @@ def test_set(tmp_path_factory, tiny_generator):
 
 @pytest.fixture(scope="module")
 def report(ray_local, test_set, tiny_checkpoint, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("p1") / "report.json")
+    out = str(tmp_path_factory.mktemp("p1") / "reports" / "report.json")  # a new folder
     main(["--data", test_set, "--checkpoint", tiny_checkpoint, "--baseline", "daam",
           "--out", out, "--batch-size", "3"])
     with open(out) as f:

@@ -101,14 +101,20 @@ def test_coco_zs65_adds_mouse_to_the_fold_1_unseen():
 
 
 @pytest.mark.slow
-def test_predictions_folder_through_ray_and_the_report(ray_local, tmp_path):
+def test_predictions_folder_through_ray_and_the_report(ray_local, tmp_path, run_cli):
     images = {"2007_000001": (A_GT, A_PRED), "2007_000002": (B_GT, B_PRED)}
     voc = write_voc_val(str(tmp_path / "VOC2012"), images)
-    report = evaluate(voc=voc, predictions=write_predictions(str(tmp_path / "pred"), images))
+    pred = write_predictions(str(tmp_path / "pred"), images)
+    report = evaluate(voc=voc, predictions=pred)
     assert report["conventions"] == scored(images.values())
     out, md = write_report(report, str(tmp_path / "report" / "protocol2.json"))
     assert json.load(open(out))["conventions"]["voc20"]["unseen"] == pytest.approx(100 / 3)
     assert "| sofa (unseen) |" in open(md).read() and "(paper" in open(md).read()
+    cli_out = tmp_path / "new" / "p2.json"  # the CLI makes the report's folder, log beside it
+    code, stdout, _ = run_cli(main, ["--voc", voc, "--predictions", pred, "--out", str(cli_out)])
+    assert code == 0 and "| sofa (unseen) |" in stdout
+    assert json.loads(cli_out.read_text())["conventions"] == report["conventions"]
+    assert (tmp_path / "new" / "p2.log").is_file() and (tmp_path / "new" / "p2.md").is_file()
 
 
 def test_bad_input_is_one_line(tmp_path, run_cli):
