@@ -142,7 +142,6 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
         raise FactoryError(str(e)) from None
     if ray_log is None:
         ray_log = tempfile.mkstemp(prefix="protocol1-", suffix=".log")[1]
-    os.makedirs(os.path.dirname(os.path.abspath(ray_log)), exist_ok=True)  # beside the report
     log.info("Ray's log: %s", ray_log)
     diffs: list[int] = []
     with ray_logs_to(ray_log):

@@ -263,7 +263,6 @@ def evaluate(voc: str | None = None, coco: str | None = None, *, checkpoint: str
     seen, unseen = protocol2_split(dataset, fold)
     if ray_log is None:
         ray_log = tempfile.mkstemp(prefix="protocol2-", suffix=".log")[1]
-    os.makedirs(os.path.dirname(os.path.abspath(ray_log)), exist_ok=True)  # beside the report
     log.info("Ray's log: %s", ray_log)
     n = len(CLASS_LISTS["pascal" if dataset == "voc" else "coco"].names)
     totals: dict[str, IoUAccumulator] = {}

@@ -20,14 +20,16 @@ def ray_logs_to(path: str):
     loggers (ray, ray.data, ray.train, ...) and, as Ray's C++ core writes to the process's
     stderr directly, file descriptor 2 itself. Python's own console handlers (this program's
     messages) and the progress lines keep the real stderr, which the context yields. Ray Data
-    draws no progress bars meanwhile. The file is appended to; for a URI `path` the log is kept
-    in a local temporary file and uploaded when the context closes."""
+    draws no progress bars meanwhile. The file is appended to (its folder made if missing); for
+    a URI `path` the log is kept in a local temporary file and uploaded when the context
+    closes."""
     from ray.data import DataContext
 
     from factory.store import open_location, put_atomic
 
     uri = "://" in path
     local = tempfile.mkstemp(prefix="factory-", suffix=".log")[1] if uri else path
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     handler = logging.FileHandler(local, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger("ray")] + [
