@@ -61,8 +61,8 @@ class GroundingLabeller:
     def __init__(self, checkpoint: str, *, model: str | None = None, threshold: float = 0.5,
                  ignore_band: tuple[float, float] | None = None,
                  device: str | None = None) -> None:
+        from actors.frozen_sd import FrozenSD
         from train.grounding.checkpoint import load_grounding_head
-        from train.grounding.trainer import FrozenSD
 
         self.low, self.high = check_band(threshold, ignore_band)
         self.device = device or default_device()

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors.batch import object_column  # noqa: E402
+from actors.frozen_sd import FrozenSD  # noqa: E402
 from actors.grounding_labeller import GroundingLabeller  # noqa: E402
 from actors.names import SD15_RANDOM  # noqa: E402
 from actors.sd_generator import SDGenerator  # noqa: E402
@@ -33,7 +34,7 @@ from factory.prompts import SamplePlan  # noqa: E402
 from factory.vocab import get_split  # noqa: E402
 from train.grounding.checkpoint import save_checkpoint  # noqa: E402
 from train.grounding.model import build_grounding_head  # noqa: E402
-from train.grounding.trainer import FrozenSD, head_for  # noqa: E402
+from train.grounding.trainer import head_for  # noqa: E402
 
 
 def sync(device: str) -> None:

@@ -22,12 +22,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from actors.frozen_sd import FrozenSD  # noqa: E402
 from actors.names import SD15_RANDOM  # noqa: E402
 from factory.prompts import SamplePlan  # noqa: E402
 from factory.vocab import get_split  # noqa: E402
 from train.grounding.data import MAX_CLASSES  # noqa: E402
 from train.grounding.model import build_grounding_head  # noqa: E402
-from train.grounding.trainer import FrozenSD, head_for, train_step  # noqa: E402
+from train.grounding.trainer import head_for, train_step  # noqa: E402
 
 
 def synthetic_batch(sd: FrozenSD, batch_size: int, seed: int) -> dict[str, np.ndarray]:

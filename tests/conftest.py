@@ -130,10 +130,10 @@ def tiny_checkpoint(tmp_path_factory):
     seeded): what `python -m train.grounding` writes, without the training."""
     import torch
 
+    from actors.frozen_sd import FrozenSD
     from factory.vocab import get_split
     from train.grounding.checkpoint import save_checkpoint
     from train.grounding.model import build_grounding_head
-    from train.grounding.trainer import FrozenSD
 
     folder = str(tmp_path_factory.mktemp("head"))
     with torch.random.fork_rng(devices=[]):

@@ -32,9 +32,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train.torch
     import torch
 
+    from actors.frozen_sd import FrozenSD
     from train.grounding.checkpoint import TRAIN_STATE, save_checkpoint
     from train.grounding.model import build_grounding_head
-    from train.grounding.trainer import FrozenSD, train_step
+    from train.grounding.trainer import train_step
 
     sd = FrozenSD(cfg["model"], ray.train.torch.get_device())
     torch.manual_seed(cfg["seed"])  # every rank starts from the same head
