@@ -3,12 +3,17 @@ resume, and the arguments it refuses."""
 
 import json
 import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
+from actors.frozen_sd import FrozenSD
 from factory.store import ShardStore
 from train.grounding.checkpoint import load_grounding_head
+from train.grounding.job import RUN_NAME
 from train.grounding.job import main as job_main
 
 
@@ -29,16 +34,24 @@ def test_ray_train_job_with_two_workers_checkpoints_and_resumes(ray_local, known
     head, info = load_grounding_head(out)
     assert info["step"] == 4 and (info["split"], info["fold"], info["model"]) == (
         "pascal", "1", "tiny")
-    assert info["config"]["in_channels"] == [96, 64, 48, 48]
+    assert info["config"]["in_channels"] == list(FrozenSD("tiny", "cpu").extractor.channels)
     assert info["metrics"]["step"] == 4 and info["metrics"]["loss"] > 0
+    # 4 steps of 2 workers x 4 samples: 32 of the 16-sample set's stream, two epochs
+    assert info["position"] == info["metrics"]["position"] == 32
+    assert info["metrics"]["epoch"] == 2 and info["metrics"]["job_started_at_step"] == 0
     code, _, err = run_job(args + ["--steps", "4", "--resume"])
     assert code == 2 and "trained to step 4 already" in err
     code, stdout, _ = run_job(args + ["--steps", "6", "--resume"])
     assert code == 0 and "trained to step 6" in stdout
     resumed, info = load_grounding_head(out)
-    assert info["step"] == 6
+    assert info["step"] == 6 and info["position"] == 48
+    # the resumed job started at step 4 and at stream item 32, not at 0
+    assert info["metrics"]["job_started_at_step"] == 4
+    assert info["metrics"]["job_first_item"] == 32
     assert any(not torch.equal(a, b) for a, b in zip(head.state_dict().values(),
                                                       resumed.state_dict().values(), strict=True))
+    code, _, err = run_job(args + ["--steps", "8", "--resume", "--seed", "1"])
+    assert code == 2 and "cannot resume" in err and "seed 0 then, 1 now" in err
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -87,3 +100,71 @@ def test_job_refuses_more_workers_than_the_cluster_has(ray_local, known_mask_dat
                             "--num-workers", "8"])
     assert code == 2 and "8 workers need 8 CPUs (the cluster has 2)" in err
     assert not (tmp_path / "o").exists()
+
+
+def ray_train_worker_pids() -> list[int]:
+    """The Ray Train worker processes of this session's local Ray (children of its raylet)."""
+    raylet = ray_node().all_processes["raylet"][0].process.pid
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read()
+        except OSError:  # the process ended meanwhile
+            continue
+        if parent == raylet and b"RayTrainWorker" in title:
+            pids.append(int(entry))
+    return pids
+
+
+def registered_checkpoint(run: str) -> bool:
+    """Whether Ray Train's controller has registered a checkpoint of the run (one that a restart
+    would start from), not merely written its folder."""
+    try:
+        with open(os.path.join(run, "checkpoint_manager_snapshot.json")) as f:
+            return json.load(f).get("latest_checkpoint_result") is not None
+    except (OSError, ValueError):  # not written yet, or being written
+        return False
+
+
+def ray_node():
+    import ray._private.worker
+
+    return ray._private.worker._global_node
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_checkpoint_and_ends_like_an_undisturbed_run(
+        ray_local, known_mask_data, tmp_path):
+    """SIGKILL of a worker once the first checkpoint exists: Ray Train restarts the workers
+    (FailureConfig), which continue at the checkpoint's step and stream position and end at the
+    step and position of an undisturbed run (8 samples a step: 2 workers x 4)."""
+    from train.grounding.job import train
+
+    steps, out, result = 16, str(tmp_path / "killed"), {}
+    job = threading.Thread(target=lambda: result.update(run=train(
+        known_mask_data, out, steps=steps, batch_size=4, lr=1e-3, num_workers=2,
+        cpus_per_worker=0.5, report_every=2)))
+    job.start()
+    deadline = time.time() + 300
+    while not registered_checkpoint(os.path.join(out, RUN_NAME)):
+        assert job.is_alive() and time.time() < deadline
+        time.sleep(0.05)
+    workers = ray_train_worker_pids()
+    assert len(workers) == 2
+    for pid in workers:  # freeze both first: the run must not finish before the kill lands
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(workers[0], signal.SIGKILL)
+    os.kill(workers[1], signal.SIGCONT)
+    job.join(timeout=300)
+    metrics = result["run"].metrics
+    assert metrics["step"] == steps and metrics["position"] == steps * 8
+    assert metrics["job_started_at_step"] >= 2  # the restart began at a checkpoint, not step 0
+    # nor at sample 0: worker 0 went on with the first item of the checkpoint's next step
+    assert metrics["job_first_item"] == metrics["job_started_at_step"] * 8
+    _, info = load_grounding_head(out)
+    assert info["step"] == steps and info["position"] == steps * 8

@@ -26,14 +26,26 @@ def latest_checkpoint(path: str, info_file: str) -> str | None:
                                                                info_file)["step"]))
 
 
-def fit(loop: Callable[[dict], None], cfg: dict, ds, *, out: str, name: str, num_workers: int,
+def worker_dataset(rank: int) -> str:
+    """The name of worker `rank`'s own dataset (see `fit`)."""
+    return f"train_{rank}"
+
+
+def fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, name: str,
         use_gpu: bool, cpus_per_worker: float):
-    """Run `loop` on Ray Train with dataset `ds` as "train"; returns Ray Train's result."""
+    """Run `loop` on Ray Train, one worker per dataset of `per_worker`: worker r reads its own,
+    `worker_dataset(r)`, in order (not a split of one dataset, whose rows may reach another worker
+    after a restart); returns Ray Train's result."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
+    num_workers = len(per_worker)
     trainer = TorchTrainer(
-        loop, train_loop_config=cfg, datasets={"train": ds},
+        loop, train_loop_config=cfg,
+        datasets={worker_dataset(r): ds for r, ds in enumerate(per_worker)},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),

@@ -1,13 +1,17 @@
 """Training batches for the grounding head from `factory generate` triplets.
 
-Rows are decoded on CPU workers (Ray Data): the stored latent, and one oracle mask per class
-padded to `MAX_CLASSES`. Only the split's seen classes count; the rest are masked out of the
-loss like padding. Features are not here: the trainer recomputes them on its GPU from x_t.
+The job reads the finished shards as a stream (`train.stream`): every epoch the shards in an
+order shuffled with (seed, epoch), each shard's rows shuffled; item p is a pure function of
+(shards, seed, p), so a resumed or restarted job continues where its checkpoint left off. Rows
+are decoded on CPU workers (Ray Data): the stored latent, and one oracle mask per class padded
+to `MAX_CLASSES`. Only the split's seen classes count; the rest are masked out of the loss like
+padding. Features are not here: the trainer recomputes them on its GPU from x_t.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from actors.batch import object_column
 from factory.schema import decode_latents, decode_masks
@@ -17,17 +21,45 @@ MAX_CLASSES = 2  # prompts name one or two classes
 COLUMNS = ["prompt", "classes", "masks", "height", "width", "x_t", "x_t_shape", "x_t_dtype", "t"]
 
 
-def check_training_data(root: str) -> ShardStore:
-    """A finished `factory generate --subset train` folder (ValueError says what is wrong)."""
+def check_training_data(root: str, allow_partial: bool = False) -> ShardStore:
+    """A finished `factory generate --subset train` folder, or with `allow_partial` one with at
+    least one finished shard (ValueError says what is wrong)."""
     store = ShardStore.open(root)
     run = store.manifest["run"]
     if run.get("kind") != "triplets":
         raise ValueError(f"{root!r} holds {run.get('kind')!r}, not generate's triplets")
     if run["subset"] != "train":
         raise ValueError(f"{root!r} is a {run['subset']!r} set: train on --subset train data")
-    if not store.done():
+    done = store.done()
+    if not done:
         raise ValueError(f"{root!r} holds no finished shard yet")
+    if len(done) < store.num_shards and not allow_partial:
+        raise ValueError(f"{root!r} is an unfinished run ({len(done)} of {store.num_shards} "
+                         "shards done): finish it by running its `factory generate` command "
+                         "again, or pass --allow-partial to train on the finished shards")
     return store
+
+
+def shard_groups(store: ShardStore) -> tuple[list[str], list[range]]:
+    """The finished shards' paths and row indices: the stream's groups."""
+    done = store.done()
+    return [store.shard_path(k) for k in done], [range(store.shards[k]["rows"]) for k in done]
+
+
+def load_batch(batch: dict[str, np.ndarray], *, shards: list[str], seen: list[str]
+               ) -> dict[str, np.ndarray]:
+    """Stream rows (position, group = shard, member = row) -> their `training_batch`, with the
+    position column; each shard is read once per batch."""
+    tables: dict[int, dict] = {}
+    rows: dict[str, list] = {c: [] for c in COLUMNS}
+    for g, member in zip(batch["group"], batch["member"], strict=True):
+        g = int(g)
+        if g not in tables:
+            tables[g] = pq.read_table(shards[g], columns=COLUMNS).to_pydict()
+        for c in COLUMNS:
+            rows[c].append(tables[g][c][int(member)])
+    out = training_batch({c: object_column(v) for c, v in rows.items()}, seen=seen)
+    return {"position": np.asarray(batch["position"], dtype=np.int64), **out}
 
 
 def training_batch(batch: dict[str, np.ndarray], *, seen: list[str]) -> dict[str, np.ndarray]:

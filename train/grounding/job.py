@@ -5,6 +5,10 @@ python -m train.grounding ...`.
 The paper's recipe (sec. 5.1): Adam, lr 1e-4, weight decay 1e-4, batch 8, 5k iterations, on
 seen classes only, skipping classes whose oracle mask is empty. Features are recomputed from the
 stored x_t on each worker's device by a frozen UNet (bf16 on GPUs).
+
+The data is a stream shuffled per epoch with the run's seed (`train.stream`). A checkpoint
+records the step and the stream position (samples consumed); `--resume` and Ray Train's own
+restarts after a worker failure continue at both.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(cfg["seed"])  # every rank starts from the same head
     head = build_grounding_head(cfg["head"], **sd.head_overrides()).to(sd.device)
     opt = torch.optim.Adam(head.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step, state = 0, None
+    step, state = cfg["start_step"], None
     ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts the workers after a failure
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -54,27 +58,42 @@ def train_loop_per_worker(cfg: dict) -> None:
         step = state["step"]
     model = ray.train.torch.prepare_model(head)
     rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
+    per_step = cfg["batch_size"] * ray.train.get_context().get_world_size()
+    # the dataset starts at the job's first step; after an automatic restart, skip what the
+    # checkpoint already trained on
+    skip = step - cfg["start_step"]
+    shard = ray.train.get_dataset_shard(jobs.worker_dataset(rank))
     window: list[dict] = []
-    while step < cfg["steps"]:  # every rank takes exactly `steps` steps, epoch after epoch
-        for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy"):
-            window.append(train_step(model, opt, sd.inputs(batch),
-                                     skip_empty=cfg["skip_empty"]))
-            step += 1
-            if step % cfg["report_every"] == 0 or step == cfg["steps"]:
-                metrics = {"step": step, "loss": float(np.mean([m["loss"] for m in window])),
-                           "iou": float(np.nanmean([m["iou"] for m in window]))}
-                window = []
-                with tempfile.TemporaryDirectory() as d:
-                    checkpoint = None
-                    if rank == 0:
-                        save_checkpoint(d, head, opt, step, {**cfg["info"], "metrics": metrics})
-                        checkpoint = ray.train.Checkpoint.from_directory(d)
-                        log.info("step %d: loss %.4f, train IoU %.3f", step, metrics["loss"],
-                                 metrics["iou"])
-                    ray.train.report(metrics, checkpoint=checkpoint)  # all ranks report
-            if step >= cfg["steps"]:
-                break
+    # what this job really trained on, for its reports: where it started, and the first
+    # stream item this worker saw
+    started_at, first_item = step, None
+    for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy",
+                                    drop_last=True):
+        if skip > 0:
+            skip -= 1
+            continue
+        window.append(train_step(model, opt, sd.inputs(batch), skip_empty=cfg["skip_empty"]))
+        low = int(batch["position"].min())
+        first_item = low if first_item is None else min(first_item, low)
+        step += 1
+        if step % cfg["report_every"] == 0 or step == cfg["steps"]:
+            position = cfg["start_position"] + (step - cfg["start_step"]) * per_step
+            metrics = {"step": step, "loss": float(np.mean([m["loss"] for m in window])),
+                       "iou": float(np.nanmean([m["iou"] for m in window])),
+                       "position": position, "epoch": position // cfg["per_epoch"],
+                       "job_started_at_step": started_at, "job_first_item": first_item}
+            window = []
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    save_checkpoint(d, head, opt, step, {**cfg["info"], "metrics": metrics,
+                                                         "position": position})
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                    log.info("step %d: loss %.4f, train IoU %.3f", step, metrics["loss"],
+                             metrics["iou"])
+                ray.train.report(metrics, checkpoint=checkpoint)  # all ranks report
+        if step >= cfg["steps"]:
+            break
 
 
 def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
@@ -99,21 +118,23 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
           steps: int = 5000, batch_size: int = 8, lr: float = 1e-4, weight_decay: float = 1e-4,
           num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
           report_every: int = 100, skip_empty: bool = True, resume: bool = False,
-          seed: int = 0, address: str | None = None):
+          allow_partial: bool = False, seed: int = 0, address: str | None = None):
     """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
     from train.grounding.checkpoint import latest_checkpoint, read_info
-    from train.grounding.data import COLUMNS, check_training_data, training_batch
+    from train.grounding.data import check_training_data, load_batch, shard_groups
     from train.grounding.model import HEAD_CONFIGS
     from train.grounding.trainer import head_for
+    from train.stream import stream, worker_items
 
     for name, value in (("steps", steps), ("batch size", batch_size),
                         ("workers", num_workers), ("report every", report_every)):
         if value <= 0:
             raise FactoryError(f"{name} must be > 0, got {value}")
     try:
-        store = check_training_data(data)
+        store = check_training_data(data, allow_partial)
     except ValueError as e:
         raise FactoryError(str(e)) from None
+    shards, rows = shard_groups(store)
     run = store.manifest["run"]
     model = model or run["model"]
     head = head or head_for(model)
@@ -127,14 +148,24 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
         raise FactoryError(f"{out!r} is not empty: pass --resume to continue its training, or "
                            "choose a new --out")
     info = {"kind": "grounding-head", "split": run["split"], "fold": run["fold"],
-            "model": model, "data": os.path.abspath(data), "seen": store.manifest["seen"]}
+            "model": model, "data": os.path.abspath(data), "seen": store.manifest["seen"],
+            "seed": seed, "shards": len(shards), "samples": sum(map(len, rows))}
+    start_step, start_position = 0, 0
     if previous is not None:
         old = read_info(previous)
         if any(old.get(k) != info[k] for k in ("split", "fold", "model")):
             raise FactoryError(f"{out!r} trains a head for {old.get('split')} fold "
                                f"{old.get('fold')} on {old.get('model')}, not this data")
+        # the stream position means the same items only over the same shards and seed
+        changed = [f"{k} {old.get(k)} then, {info[k]} now" for k in ("seed", "shards")
+                   if old.get(k) != info[k]]
+        if changed or "position" not in old:
+            raise FactoryError(f"cannot resume {out!r} where it stopped in the data ("
+                               f"{'; '.join(changed) or 'its checkpoint records no position'})"
+                               ": train into a new --out")
         if old["step"] >= steps:
             raise FactoryError(f"{out!r} is trained to step {old['step']} already: raise --steps")
+        start_step, start_position = old["step"], old["position"]
 
     import ray
 
@@ -147,16 +178,19 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
         with ray_logs_to(os.path.join(out, LOG_FILE)):
             connect_ray(address)
             check_placement(num_workers, use_gpu, cpus_per_worker)
-            ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
-                  .map_batches(training_batch, fn_kwargs={"seen": store.manifest["seen"]},
-                               num_cpus=0.25))
+            items = stream(rows, seed, start_position, (steps - start_step) * batch_size
+                           * num_workers)
+            per_worker = [ray.data.from_items(mine).map_batches(
+                load_batch, fn_kwargs={"shards": shards, "seen": store.manifest["seen"]},
+                batch_size=64, num_cpus=0.25)
+                for mine in worker_items(items, batch_size, num_workers)]
             cfg = {"model": model, "head": head, "steps": steps, "batch_size": batch_size,
                    "lr": lr, "weight_decay": weight_decay, "report_every": report_every,
                    "skip_empty": skip_empty, "seed": seed, "resume_from": previous,
-                   "info": info}
-            return jobs.fit(train_loop_per_worker, cfg, ds, out=out, name=RUN_NAME,
-                            num_workers=num_workers, use_gpu=use_gpu,
-                            cpus_per_worker=cpus_per_worker)
+                   "start_step": start_step, "start_position": start_position,
+                   "per_epoch": info["samples"], "info": info}
+            return jobs.fit(train_loop_per_worker, cfg, per_worker, out=out, name=RUN_NAME,
+                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
     except FactoryError:
         if fresh:  # refused before training: leave nothing behind
             shutil.rmtree(out)
@@ -178,8 +212,11 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
 @click.option("--report-every", type=int, default=100, help="Steps between checkpoints.")
 @click.option("--keep-empty-masks", is_flag=True,
               help="Train on empty oracle masks too (the paper's 'normal training').")
-@click.option("--resume", is_flag=True, help="Continue from --out's latest checkpoint.")
-@click.option("--seed", type=int, default=0)
+@click.option("--resume", is_flag=True,
+              help="Continue from --out's latest checkpoint, at its step and data position.")
+@click.option("--allow-partial", is_flag=True,
+              help="Train on the finished shards of an unfinished `factory generate` run.")
+@click.option("--seed", type=int, default=0, help="Head initialisation and data order.")
 @click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
 def cli(keep_empty_masks: bool, **kwargs) -> None:
     """Train the grounding head with Ray Train."""

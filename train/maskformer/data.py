@@ -7,10 +7,10 @@ order, pixels of no thing ignored). A label folder of split `coco` lacks `mouse`
 it), which is no problem for training. Real VOC folders join with their unseen-class pixels set
 to 255, so their images still count (model D's "real 15").
 
-The stream: epoch e visits the sources' shards (and VOC images, in groups of 256) in an order
-shuffled with (seed, e), and each shard's rows in a shuffled order; item p of the stream is a
-pure function of (sources, seed, p), and so is its augmentation (random resized crop, flip).
-A job resumed at step s continues at item s x global batch.
+The stream (`train.stream`): epoch e visits the sources' shards (and VOC images, in groups of
+256) in an order shuffled with (seed, e), and each shard's rows in a shuffled order; item p of
+the stream is a pure function of (sources, seed, p), and so is its augmentation (random resized
+crop, flip). A job resumed at step s continues at item s x global batch.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from PIL import Image
 from factory.schema import IGNORE, decode_label, decode_png
 from factory.store import ShardStore
 from factory.vocab import COCO_CATEGORIES, VOC_CLASSES, get_split
+from train.stream import stream as stream_items
 
 VOC_GROUP = 256  # VOC images shuffled as one block, like a shard
 
@@ -66,9 +67,6 @@ class Source:
     fold: str | None
     groups: tuple[tuple, ...]  # label: (shard path, rows); voc: (image ids...)
     lut: tuple[int, ...]
-
-    def size(self) -> int:
-        return sum(len(g[1]) if self.kind == "label" else len(g) for g in self.groups)
 
 
 def open_source(path: str, fold_of_voc: str | None = None) -> Source:
@@ -123,30 +121,15 @@ def _is_voc(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "ImageSets", "Segmentation"))
 
 
-def epoch_items(sources: list[Source], seed: int, epoch: int) -> list[tuple[int, int, object]]:
-    """Epoch `epoch`'s items (source, group, row or image id), shuffled by (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch])
-    groups = [(s, g) for s, src in enumerate(sources) for g in range(len(src.groups))]
-    items = []
-    for j in rng.permutation(len(groups)):
-        s, g = groups[j]
-        members = sources[s].groups[g][1] if sources[s].kind == "label" else sources[s].groups[g]
-        items += [(s, g, members[i]) for i in rng.permutation(len(members))]
-    return items
-
-
 def stream(sources: list[Source], seed: int, start: int, count: int) -> list[dict]:
-    """Items start .. start + count - 1 of the endless stream, as rows for Ray Data."""
-    per_epoch = sum(s.size() for s in sources)
-    out, epoch = [], start // per_epoch
-    skip = start - epoch * per_epoch
-    while len(out) < count:
-        items = epoch_items(sources, seed, epoch)[skip:]
-        for s, g, member in items[:count - len(out)]:
-            out.append({"position": start + len(out), "source": s, "group": g,
-                        "member": str(member)})
-        epoch, skip = epoch + 1, 0
-    return out
+    """Items start .. start + count - 1 of the sources' stream (`train.stream`), as rows for
+    Ray Data: position, source, group, member (a shard's row or a VOC image id, as text)."""
+    flat = [(s, g) for s, src in enumerate(sources) for g in range(len(src.groups))]
+    members = [sources[s].groups[g][1] if sources[s].kind == "label" else sources[s].groups[g]
+               for s, g in flat]
+    return [{"position": r["position"], "source": flat[r["group"]][0],
+             "group": flat[r["group"]][1], "member": str(r["member"])}
+            for r in stream_items(members, seed, start, count)]
 
 
 def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int,

@@ -119,7 +119,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     skip = step - cfg["start_step"]
     ddp = ray.train.torch.prepare_model(model)
     processor = image_processor()
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(jobs.worker_dataset(rank))
     losses: list[float] = []
     # what this job really trained on, for its reports: where it started, and the first
     # stream item this worker saw
@@ -162,6 +162,7 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
     """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
     from train.maskformer.data import load_batch, open_sources, stream
     from train.maskformer.model import SEGMENTATION_PRETRAINED, SPECS
+    from train.stream import worker_items
 
     for name, value in (("steps", steps), ("batch size", batch_size), ("crop", crop),
                         ("workers", num_workers), ("report every", report_every)):
@@ -213,19 +214,19 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
         with ray_logs_to(os.path.join(out, LOG_FILE)):
             connect_ray(address)
             check_placement(num_workers, use_gpu, cpus_per_worker)
-            count = (steps - start_step) * batch_size * num_workers
-            ds = (ray.data.from_items(stream(sources, seed, start_position, count))
-                  .map_batches(load_batch, fn_kwargs={"sources": sources, "seed": seed,
-                                                      "size": crop},
-                               batch_size=64, num_cpus=0.25))
+            items = stream(sources, seed, start_position, (steps - start_step) * batch_size
+                           * num_workers)
+            per_worker = [ray.data.from_items(mine).map_batches(
+                load_batch, fn_kwargs={"sources": sources, "seed": seed, "size": crop},
+                batch_size=64, num_cpus=0.25)
+                for mine in worker_items(items, batch_size, num_workers)]
             cfg = {"variant": variant, "num_labels": len(classes.names),
                    "backbone_weights": backbone_weights, "steps": steps,
                    "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                    "report_every": report_every, "seed": seed, "resume_from": previous,
                    "start_step": start_step, "start_position": start_position, "info": info}
-            return jobs.fit(train_loop_per_worker, cfg, ds, out=out, name=RUN_NAME,
-                            num_workers=num_workers, use_gpu=use_gpu,
-                            cpus_per_worker=cpus_per_worker)
+            return jobs.fit(train_loop_per_worker, cfg, per_worker, out=out, name=RUN_NAME,
+                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
     except FactoryError:
         if fresh:  # refused before training: leave nothing behind
             shutil.rmtree(out)
