@@ -3,10 +3,13 @@ appendix B.3), for any class the prompt names, seen in training or not.
 
 From each sample's stored latent x_t it recomputes SD's features (one guided UNet forward,
 `FeatureExtractor`), embeds the prompt's class names, and lets the head predict one mask
-probability per class. The semantic label map gives each pixel the class of highest probability
-if that probability reaches `threshold`, else background; with an uncertainty band (low, high)
-pixels whose highest probability lies in [low, high) are labelled 255, ignore (as Dataset
-Diffusion does), those below `low` background.
+probability per class. Each class's mask is its own probability >= `threshold`, as the paper's
+inference (`test.py`) thresholds each class's sigmoid on its own, so the masks of a prompt's two
+classes may overlap. The semantic label map, which must be exclusive, gives each pixel the class
+of highest probability if that probability reaches `threshold`, else background; with an
+uncertainty band (low, high) pixels whose highest probability lies in [low, high) are labelled
+255, ignore (as Dataset Diffusion does), those below `low` background, and a class's mask is its
+probability >= high.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from torch import Tensor
 
 from actors.batch import check_columns, default_device, object_column, with_lists
 from factory.schema import IGNORE, encode_masks
+
+# How per-class scores in [0, 1] (the head's probabilities, DAAM's normalised heat) become masks
+MASK_RULES = {
+    "independent": "each class's score >= the threshold on its own, so masks may overlap "
+                   "(the paper's test.py)",
+    "exclusive": "each pixel to the class of highest score if that passes the threshold, so "
+                 "masks are disjoint (a label map's)",
+}
 
 
 def check_band(threshold: float, ignore_band: tuple[float, float] | None) -> tuple[float, float]:
@@ -42,6 +53,27 @@ def label_maps(probs: Tensor, class_ids: Tensor, valid: Tensor, low: float, high
     return torch.where(top < low, torch.zeros_like(ids), label).to(torch.uint8)
 
 
+def check_mask_rule(rule: str) -> None:
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}: one of {', '.join(MASK_RULES)}")
+
+
+def apply_mask_rule(scores: Tensor, threshold: float, rule: str = "independent",
+                    valid: Tensor | None = None) -> Tensor:
+    """Per-class masks by `rule` (see MASK_RULES) from per-class scores in [0, 1].
+    scores: ... x K x H x W; valid: ... x K, False for padding classes, whose masks are empty
+    (None: all valid). Returns ... x K x H x W bool."""
+    check_mask_rule(rule)
+    if valid is None:
+        valid = torch.ones(scores.shape[:-2], dtype=torch.bool, device=scores.device)
+    valid = valid[..., None, None]                                           # (..., K, 1, 1)
+    if rule == "independent":
+        return (scores >= threshold) & valid
+    top, k = scores.masked_fill(~valid, -1.0).max(dim=-3, keepdim=True)      # (..., 1, H, W)
+    classes = torch.arange(scores.shape[-3], device=scores.device)[:, None, None]  # (K, 1, 1)
+    return (k == classes) & (top >= threshold)
+
+
 def mask_scores(probs: Tensor, masks: Tensor) -> Tensor:
     """Each class's mean probability inside its mask (0 for an empty mask): B x K."""
     inside = (probs * masks).flatten(2).sum(-1)
@@ -53,18 +85,24 @@ class GroundingLabeller:
 
     Input batch:  prompt (B,) str; classes, class_ids (B,) lists of K = 1-2; x_t (B, 4, h, w);
     t (B,); image (B, H, W, 3) or height, width (B,), for the output size.
-    Output batch: the input plus label (B, H, W) uint8; masks (B,) lists of K COCO RLEs, each
-    class's pixels of the label map; scores (B,) lists of K mean probabilities inside those
-    masks; areas (B,) lists of K pixel counts; quality (B,) float32, the mean of a sample's
-    scores (a class the head did not find counts 0)."""
+    Output batch: the input plus label (B, H, W) uint8, the exclusive label map (module
+    docstring); masks (B,) lists of K COCO RLEs, the head's own mask of each class: its
+    probability >= `threshold` (>= high with an `ignore_band`), whatever the other class's, so
+    two classes' masks may overlap where the label map picked one (with `mask_rule`
+    "exclusive", Protocol I's option, each class's pixels of the label map instead); scores
+    (B,) lists of K mean probabilities inside those masks; areas (B,) lists of K pixel counts;
+    quality (B,) float32, the mean of a sample's scores (a class the head did not find counts
+    0)."""
 
     def __init__(self, checkpoint: str, *, model: str | None = None, threshold: float = 0.5,
                  ignore_band: tuple[float, float] | None = None,
-                 device: str | None = None) -> None:
+                 mask_rule: str = "independent", device: str | None = None) -> None:
         from actors.frozen_sd import FrozenSD
         from train.grounding.checkpoint import load_grounding_head
 
         self.low, self.high = check_band(threshold, ignore_band)
+        check_mask_rule(mask_rule)
+        self.mask_rule = mask_rule
         self.device = device or default_device()
         self.head, self.info = load_grounding_head(checkpoint, device=self.device)
         if model is not None and model != self.info.get("model"):
@@ -92,7 +130,7 @@ class GroundingLabeller:
         ids = torch.tensor([[int(c) for c in row] + [0] * (k - len(row))
                             for row in batch["class_ids"]], device=self.device)  # (B, K)
         label = label_maps(probs, ids, valid, self.low, self.high)               # (B, H, W)
-        masks = (label[:, None] == ids[..., None, None]) & valid[..., None, None]  # (B, K, H, W)
+        masks = apply_mask_rule(probs, self.high, self.mask_rule, valid)        # (B, K, H, W)
         scores = mask_scores(probs, masks)                                       # (B, K)
         label, masks, scores = label.cpu().numpy(), masks.cpu().numpy(), scores.cpu().numpy()
         n = [len(c) for c in batch["classes"]]

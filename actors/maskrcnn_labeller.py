@@ -3,7 +3,13 @@
 Backends: torchvision's `maskrcnn_resnet50_fpn_v2` (COCO mask AP 41.8; weights from a local file
 or torchvision's cache), its random-weight `tiny` variant for tests, and detectron2's
 `mask_rcnn_R_50_FPN_3x` when detectron2 is installed. All report COCO category ids, which the
-vocabulary maps to prompt names.
+vocabulary maps to prompt names. (The paper's public code used mmdet's Mask R-CNN with a Swin-S
+backbone, which none of these is.)
+
+Oracles: `union` joins every instance of a class scoring >= 0.5 (the semantic mask, the
+default); `top1` takes only the class's top-scoring instance, at mmdet's default test score
+threshold 0.05, as the paper's public code does. An explicit `score_threshold` replaces either
+default.
 """
 
 from __future__ import annotations
@@ -12,11 +18,18 @@ import numpy as np
 import torch
 
 from actors.batch import as_lists, check_columns, default_device, object_column, with_lists
-from actors.names import DETECTRON2_CONFIG, ORACLES, check_detector, torchvision_weights_path
+from actors.names import (
+    DETECTRON2_CONFIG,
+    ORACLES,
+    check_detector,
+    oracle_score_threshold,
+    torchvision_weights_path,
+)
 from factory.schema import encode_masks
 from factory.vocab import COCO_CATEGORIES, VOCABULARIES
 
 
+# score an instance needs to enter a mask when none is given, per oracle (module docstring)
 def build_torchvision_maskrcnn(name: str = "torchvision", weights: str | None = None,
                                seed: int = 0) -> torch.nn.Module:
     """Mask R-CNN v2 with COCO's 91 label slots. `tiny`: the same network with random weights
@@ -78,7 +91,7 @@ def class_masks(det: dict[str, torch.Tensor], class_ids: list[int], hw: tuple[in
 
     det: labels (N,), scores (N,), masks (N, 1, H, W) probabilities, as torchvision returns.
     union: all instances of the class scoring >= score_threshold (the semantic mask);
-    top1: only its best such instance (what the paper's public code does).
+    top1: only its top-scoring such instance (what the paper's public code does, at 0.05).
     Returns masks (K, H, W) bool, empty where nothing passed, and scores (K,) float32, the
     best score among the class's detections (0 if none)."""
     if oracle not in ORACLES:
@@ -104,15 +117,15 @@ class MaskRCNNLabeller:
 
     Input batch:  image (B, H, W, 3) uint8; classes (B,) lists of prompt names of `vocab`.
     Output batch: the input plus masks (B,) lists of RLE dicts {size, counts}, aligned with
-    classes; scores (B,) lists of float; areas (B,) lists of int (pixels per mask)."""
+    classes; scores (B,) lists of float; areas (B,) lists of int (pixels per mask).
+    score_threshold: None takes the oracle's own (ORACLE_SCORE_THRESHOLDS)."""
 
     def __init__(self, vocab: str = "pascal", *, detector: str = "torchvision",
-                 weights: str | None = None, score_threshold: float = 0.5,
+                 weights: str | None = None, score_threshold: float | None = None,
                  mask_threshold: float = 0.5, oracle: str = "union",
                  device: str | None = None) -> None:
         check_detector(detector, weights)
-        if oracle not in ORACLES:
-            raise ValueError(f"unknown oracle {oracle!r}: one of {', '.join(ORACLES)}")
+        score_threshold = oracle_score_threshold(oracle, score_threshold)
         self.vocab = VOCABULARIES[vocab]
         self.device = device or default_device()
         if detector == "detectron2":

@@ -3,6 +3,7 @@ imported so that bad input is refused at once (and without loading torch in ligh
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 
@@ -65,6 +66,34 @@ def check_model_name(model: str) -> None:
         raise ModelNotFoundError(model_not_found(model, e)) from None
 
 
+def weights_id(model: str) -> str:
+    """What identifies an SD's weights in a run's signature: a random-weight variant's name
+    (built in code, seeded), a local folder's SHA-256 over its files, or a hub id with the
+    revision in the local cache (else the hub's current one, which is what workers download)."""
+    if model in RANDOM_MODELS:
+        return f"{model} (random weights built in code)"
+    if os.path.isdir(model):
+        digest = hashlib.sha256()
+        for root, dirs, files in sorted(os.walk(model)):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                digest.update(os.path.relpath(path, model).encode("utf-8") + b"\0")
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 23):
+                        digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    from huggingface_hub import model_info, snapshot_download
+
+    try:
+        return f"{model}@{os.path.basename(snapshot_download(model, local_files_only=True))}"
+    except Exception:  # noqa: BLE001 - not cached: ask the hub
+        try:
+            return f"{model}@{model_info(model, timeout=10).sha}"
+        except Exception:  # noqa: BLE001 - offline as well
+            return f"{model}@unresolved"
+
+
 def model_not_found(model: str, e: Exception) -> str:
     return (f"model {model!r} is not in the local Hugging Face cache and the hub cannot serve it "
             f"({str(e).splitlines()[0][:120]}); with no network, download it elsewhere "
@@ -73,6 +102,16 @@ def model_not_found(model: str, e: Exception) -> str:
 
 DETECTORS = ("torchvision", "tiny", "detectron2")
 ORACLES = ("union", "top1")
+
+
+ORACLE_SCORE_THRESHOLDS = {"union": 0.5, "top1": 0.05}
+
+
+def oracle_score_threshold(oracle: str, score_threshold: float | None = None) -> float:
+    """`score_threshold`, or `oracle`'s own default when it is None."""
+    if oracle not in ORACLES:
+        raise ValueError(f"unknown oracle {oracle!r}: one of {', '.join(ORACLES)}")
+    return ORACLE_SCORE_THRESHOLDS[oracle] if score_threshold is None else score_threshold
 TORCHVISION_WEIGHTS = "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"  # torchvision's COCO_V1 file
 DETECTRON2_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 

@@ -12,7 +12,8 @@ probabilities on the class words' tokens. The aggregation is the DAAM code's (ca
 2. each sum is upsampled (bicubic) to the latent size and clamped at 0 (bicubic undershoot), and
    the results are averaged over layers and heads;
 3. a word's map is the mean of its tokens' maps, upsampled (bicubic) to the image size and
-   min-max normalised to [0, 1]; its mask is heat >= threshold.
+   min-max normalised to [0, 1]; its mask is heat >= threshold (with Protocol I's exclusive
+   mask rule, only where it is also the hottest of the prompt's classes).
 
 The layers are the `attn2` modules of the down and up blocks: DAAM leaves out the mid block,
 whose maps are 8x8 at 512 px. Memory: the running sums of step 1 only, per sample
@@ -32,6 +33,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor
 
 from actors.batch import as_lists, check_columns, object_column, with_lists
+from actors.grounding_labeller import apply_mask_rule, check_mask_rule
 from actors.names import DEFAULT_MODEL
 from actors.sd_generator import SDGenerator
 from factory.schema import encode_masks
@@ -185,17 +187,21 @@ class DAAMLabeller:
     Input batch:  prompt (B,) str; noise_seed (B,) int; classes (B,) lists of K_b names, each
     found in its prompt.
     Output batch: the input plus image (B, H, W, 3) uint8, the regenerated images, and masks
-    (B,) lists of K_b COCO RLE dicts (factory.schema), heat >= `threshold` per class."""
+    (B,) lists of K_b COCO RLE dicts (factory.schema), per class heat >= `threshold` by
+    `mask_rule` (actors.grounding_labeller.MASK_RULES): independent, each class on its own, or
+    exclusive, each pixel to the hottest class of its prompt."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, steps: int = 50, guidance: float = 7.5,
-                 threshold: float = 0.4, device: str | None = None,
-                 precision: str | None = None) -> None:
+                 threshold: float = 0.4, mask_rule: str = "independent",
+                 device: str | None = None, precision: str | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"DAAM threshold must lie in [0, 1], got {threshold}")
+        check_mask_rule(mask_rule)
         # eager: DAAM records attention maps with Python hooks, which a compiled UNet skips
         self.generator = SDGenerator(model, steps=steps, guidance=guidance, device=device,
                                      precision=precision, compile=False)
         self.threshold = threshold
+        self.mask_rule = mask_rule
 
     @torch.inference_mode()
     def heat_maps(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -223,5 +229,6 @@ class DAAMLabeller:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, heats = self.heat_maps(batch)
-        masks = [encode_masks(h >= self.threshold) for h in heats]
+        masks = [encode_masks(apply_mask_rule(torch.from_numpy(h), self.threshold,
+                                              self.mask_rule).numpy()) for h in heats]
         return {**with_lists(batch), "image": images, "masks": object_column(masks)}

@@ -8,6 +8,12 @@ oracle by the paper's mIoU, in columns One/Seen, One/Unseen, Two/Seen, Two/Seen+
 Two/Unseen. The paper checked its test images by hand; here samples whose oracle masks are not
 all at least `min_area` of the image are left out, and the report says how many were kept.
 
+Both methods' masks follow one rule (`mask_rule`, named in the report): by default
+"independent", as the paper's inference (`test.py`) thresholds each class's sigmoid on its own:
+the head's mask of a class is its probability >= `threshold`, DAAM's its heat >=
+`daam_threshold`, and a prompt's two masks may overlap; or "exclusive": each pixel goes to the
+prompt's class of highest probability (heat) if that passes the method's threshold, else to none.
+
     python -m eval.protocol1 --data TESTDIR --checkpoint CKPT --baseline daam --out report.json
     factory eval grounding ...                                              (the same command)
 """
@@ -24,7 +30,7 @@ import click
 import numpy as np
 
 from factory.console import ray_logs_to
-from factory.errors import FactoryError
+from factory.errors import FactoryError, run_command
 from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 
 log = logging.getLogger(__name__)
@@ -74,8 +80,9 @@ def renamed(batch: dict[str, np.ndarray], *, masks_to: str) -> dict[str, np.ndar
     return out
 
 
-def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
+def check_inputs(data: str, checkpoint: str | None, baseline: str | None, mask_rule: str):
     """The test store and the checkpoint's info, or FactoryError."""
+    from actors.grounding_labeller import check_mask_rule
     from factory.store import ShardStore
     from train.grounding.checkpoint import TRAINED_FOR, load_grounding_head
 
@@ -84,6 +91,7 @@ def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
     if baseline is not None and baseline not in BASELINES:
         raise FactoryError(f"unknown baseline {baseline!r}: one of {', '.join(BASELINES)}")
     try:
+        check_mask_rule(mask_rule)
         store = ShardStore.open(data)
         run = store.manifest["run"]
         if run.get("kind") != "triplets" or run.get("subset") != "test":
@@ -105,16 +113,18 @@ def check_inputs(data: str, checkpoint: str | None, baseline: str | None):
 
 def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = None, *,
              min_area: float = 0.01, threshold: float = 0.5, daam_threshold: float = 0.4,
-             batch_size: int = 8, head_actors: str | int = "auto",
-             daam_actors: str | int = "auto", head_gpus: float | None = None,
-             daam_gpus: float | None = None, address: str | None = None,
-             placement_timeout: float | None = None, ray_log: str | None = None) -> dict:
+             mask_rule: str = "independent", batch_size: int = 8,
+             head_actors: str | int = "auto", daam_actors: str | int = "auto",
+             head_gpus: float | None = None, daam_gpus: float | None = None,
+             address: str | None = None, placement_timeout: float | None = None,
+             ray_log: str | None = None) -> dict:
     """Run the methods over the test set; returns the report (table, counts, settings). Ray's
     own output goes to the file `ray_log` (default: a new temporary file, named in the log)."""
+    from actors.grounding_labeller import MASK_RULES
     from eval.table import PAPER_TABLE1_AVERAGES, ProtocolTable
     from factory.schema import decode_masks
 
-    store, info = check_inputs(data, checkpoint, baseline)
+    store, info = check_inputs(data, checkpoint, baseline, mask_rule)
     run = store.manifest["run"]
     if batch_size <= 0:
         raise FactoryError(f"batch size must be > 0, got {batch_size}")
@@ -145,9 +155,9 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     log.info("Ray's log: %s", ray_log)
     diffs: list[int] = []
     with ray_logs_to(ray_log):
-        ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
-                      pool_sizes, {"labeller": head_gpus, "generator": daam_gpus}, address,
-                      placement_timeout)
+        ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule,
+                      batch_size, pool_sizes, {"labeller": head_gpus, "generator": daam_gpus},
+                      address, placement_timeout)
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in block.to_pylist():
                 gt = decode_masks(row["oracle"], row["height"], row["width"])
@@ -163,10 +173,11 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
         "checkpoint_step": info.get("step") if info else None,
         "samples": meta.num_rows, "kept": len(kept), "min_area": min_area,
         "threshold": threshold, "daam_threshold": daam_threshold if baseline else None,
-        "seconds": time.perf_counter() - start,
+        "mask_rule": mask_rule, "seconds": time.perf_counter() - start,
         **json.loads(table.to_json()),
         "paper_reference": PAPER_TABLE1_AVERAGES.get(run["split"]),
-        "markdown": table.to_markdown(PAPER_TABLE1_AVERAGES.get(run["split"])),
+        "markdown": table.to_markdown(PAPER_TABLE1_AVERAGES.get(run["split"]))
+        + f"\nMask rule: {mask_rule}, {MASK_RULES[mask_rule]}.\n",
     }
     if diffs:  # DAAM regenerates each image: it must be the stored sample
         report["daam_regenerated"] = {"equal": int(sum(d == 0 for d in diffs)),
@@ -174,8 +185,8 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     return report
 
 
-def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size, sizes, gpus,
-             address, placement_timeout):
+def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, batch_size,
+             sizes, gpus, address, placement_timeout):
     """Test rows in blocks of `batch_size` -> the head's pool (on `label` slots) and/or DAAM's
     (on `gen` slots, as it regenerates images), sized like `factory generate`'s pools."""
     import ray
@@ -207,7 +218,8 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
 
         ds = (ds.map_batches(GroundingLabeller,
                              fn_constructor_kwargs=dict(checkpoint=info["folder"],
-                                                        threshold=threshold),
+                                                        threshold=threshold,
+                                                        mask_rule=mask_rule),
                              batch_size=batch_size, **pools["labeller"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "head_masks"}, num_cpus=STAGE_CPUS))
     if baseline is not None:
@@ -218,6 +230,7 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, batch_size,
                              fn_constructor_kwargs=dict(model=run["model"], steps=run["steps"],
                                                         guidance=run["guidance"],
                                                         threshold=daam_threshold,
+                                                        mask_rule=mask_rule,
                                                         precision=precision),
                              batch_size=batch_size, **pools["generator"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "daam_masks"}, num_cpus=STAGE_CPUS))
@@ -251,6 +264,11 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 @click.option("--threshold", type=float, default=0.5, help="Grounding-head mask threshold.")
 @click.option("--daam-threshold", type=float, default=0.4,
               help="DAAM: threshold on the normalised heat map.")
+@click.option("--mask-rule", default="independent",
+              help="independent: each class's mask on its own, probability (DAAM: heat) >= the "
+                   "method's threshold, so masks may overlap (the paper's test.py); exclusive: "
+                   "each pixel to the prompt's class of highest probability (heat) if it passes "
+                   "the threshold. Both methods follow it.")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--head-actors", default="auto",
               help="Grounding-head actors (on `label` slots): a number, or auto (sized like "
@@ -280,8 +298,6 @@ def cli(out: str | None, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from factory.cli import run_command
-
     run_command(cli, argv, prog_name="python -m eval.protocol1")
 
 

@@ -14,7 +14,7 @@ import click
 from actors.names import DEFAULT_MODEL
 from eval.protocol1 import cli as protocol1
 from eval.protocol2 import cli as protocol2
-from factory.errors import FactoryError
+from factory.errors import FactoryError, run_command
 from factory.pipeline import GenerateOptions, LabelOptions
 from train.grounding.job import cli as grounding_job
 from train.maskformer.job import cli as maskformer_job
@@ -89,6 +89,9 @@ POOL_OPTIONS = [
     click.option("--placement-timeout", type=float, default=None,
                  help="Seconds the pools may wait for nodes before the run is refused "
                       "[default: 600 on a cluster, 10 on a local Ray]."),
+    click.option("--allow-drift", is_flag=True,
+                 help="Resume although the precision, SD weights or library versions now "
+                      "resolve differently from the folder's first run (recorded)."),
 ]
 
 
@@ -131,9 +134,12 @@ def run_generate(o: GenerateOptions) -> None:
     click.option("--two-class-ratio", type=float, default=0.5,
                  help="Share of two-class prompts in subset train."),
     click.option("--oracle", default="union",
-                 help="union: all confident instances of a class; top1: the best one."),
-    click.option("--score-threshold", type=float, default=0.5,
-                 help="Detector score an instance needs to enter a mask."),
+                 help="Of the detections of a class scoring >= --score-threshold, union: all "
+                      "(the semantic mask); top1: only the top-scoring one, as the paper's "
+                      "public code does at mmdet's default test threshold 0.05."),
+    click.option("--score-threshold", type=float, default=None,
+                 help="Detector score an instance needs to enter a mask; recorded in the "
+                      "manifest [default: the oracle's: 0.5 for union, 0.05 for top1]."),
     *SD_OPTIONS, *POOL_OPTIONS,
 )
 def generate(**kwargs) -> None:
@@ -202,6 +208,27 @@ def stats(folder: str, plot: str | None) -> None:
             click.echo(f"histograms: {plot}")
     except ValueError as e:  # StoreError, StatsError
         raise FactoryError(str(e)) from None
+
+
+@cli.command()
+@click.argument("folder")
+def verify(folder: str) -> None:
+    """Check every shard of an output FOLDER against its manifest (rows, bytes, SHA-256); exit
+    1 listing the bad shards, which a rerun of the folder's command makes again."""
+    from factory.store import ShardStore
+
+    try:
+        store = ShardStore.open(folder)
+        bad = store.verify()
+    except (OSError, ValueError) as e:  # StoreError is a ValueError
+        raise FactoryError(str(e)) from None
+    if bad:
+        for k, why in bad.items():
+            click.echo(f"shard {k} ({store.layout.shard_name(k)}): {why}", err=True)
+        click.echo(f"{len(bad)} bad shard(s) in {folder}: rerun the command that made it "
+                   "to make them again", err=True)
+        sys.exit(1)
+    click.echo(f"{len(store.done())} of {store.num_shards} shards verified in {folder}")
 
 
 @cli.command()
@@ -362,15 +389,3 @@ train_group.add_command(maskformer_job, name="maskformer")
 
 def main(argv: list[str] | None = None) -> None:
     run_command(cli, argv, prog_name="factory")
-
-
-def run_command(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
-    """Run a click command; a user error (bad option, FactoryError) is one line, exit 2."""
-    try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except (click.ClickException, FactoryError) as e:
-        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
-        click.echo(f"{prog_name}: error: {msg}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)

@@ -57,6 +57,7 @@ class RunOptions:
     label_gpus: float | None = None
     address: str | None = None
     placement_timeout: float | None = None  # None: 600 s on a cluster, 10 s on a local Ray
+    allow_drift: bool = False  # resume even where precision, weights or libraries now differ
 
 
 @dataclass
@@ -71,7 +72,7 @@ class GenerateOptions(RunOptions):
     pairs: str | None = None
     two_class_ratio: float = 0.5
     oracle: str = "union"
-    score_threshold: float = 0.5
+    score_threshold: float | None = None  # None: the oracle's own, 0.5 (union) or 0.05 (top1)
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _sd_run(o: RunOptions) -> dict:
 def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
     """Check every argument of `generate` and plan its output folder (new, or an earlier run of
     the same arguments to resume); nothing is written yet. Raises FactoryError."""
-    from actors.names import ORACLES, check_detector
+    from actors.names import check_detector, oracle_score_threshold
     from factory.pairs import read_pairs
     from factory.vocab import get_split
 
@@ -186,10 +187,9 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
         pairs = read_pairs(o.pairs, split.vocab) if o.pairs else None
         plan = SamplePlan(split, o.subset, o.seed, pairs, o.two_class_ratio)
         n = _check_run(o, plan, o.model)
-        if o.oracle not in ORACLES:
-            raise ValueError(f"unknown oracle {o.oracle!r}: one of {', '.join(ORACLES)}")
         detector = o.detector or (TINY if o.model == TINY else "torchvision")
         check_detector(detector, o.detector_weights)
+        score_threshold = oracle_score_threshold(o.oracle, o.score_threshold)
         run = {
             "kind": "triplets", "split": o.split, "fold": split.fold, "subset": o.subset,
             "n": n, "seed": o.seed, "shard_size": o.shard_size, "model": o.model,
@@ -198,7 +198,7 @@ def prepare(o: GenerateOptions) -> tuple[SamplePlan, ShardStore]:
                                  else None),
             "pairs": _file_sha256(o.pairs) if o.pairs else "uniform",
             "two_class_ratio": o.two_class_ratio, "oracle": o.oracle,
-            "score_threshold": o.score_threshold, **_sd_run(o),
+            "score_threshold": score_threshold, **_sd_run(o),
         }
         store = ShardStore.plan(
             o.out, run,
@@ -337,7 +337,7 @@ def generate(o: GenerateOptions) -> RunResult:
     labeller = Labeller(
         MaskRCNNLabeller,
         dict(vocab=o.split, detector=run["detector"], weights=o.detector_weights,
-             oracle=o.oracle, score_threshold=o.score_threshold),
+             oracle=o.oracle, score_threshold=run["score_threshold"]),
         to_triplets, dict(detector=run["detector"]), IMAGES_PER_S["mask r-cnn"])
     return _run(o, plan, store, labeller)
 
@@ -367,17 +367,43 @@ def label(o: LabelOptions) -> RunResult:
 
 
 def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller) -> RunResult:
-    """Finish what the folder lacks: make the folder, join the cluster, size and place the
-    pools, check the workers can write the output, then run the pipeline with a quiet console.
-    A new folder whose run is refused before any work (bad cluster or output) is removed
-    again."""
+    """Finish what the folder lacks: make the folder and take its lock (one writer at a time),
+    redo damaged shards, join the cluster, size and place the pools, check the workers can
+    write the output, then run the pipeline with a quiet console. A new folder whose run is
+    refused before any work (bad cluster or output) is removed again."""
+    from factory.store import StoreError
+
+    new = not store.exists
+    start = time.perf_counter()
+    try:
+        store.create()
+        lock = store.lock()
+    except OSError as e:
+        raise FactoryError(f"cannot write --out {o.out!r}: {e}") from None
+    except StoreError as e:  # another run holds the folder: leave it alone
+        raise FactoryError(str(e)) from None
+    try:
+        with lock:
+            return _finish(o, plan, store, labeller, new, start)
+    except FactoryError:
+        if new:
+            store.discard()
+        raise
+
+
+def _finish(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller, new: bool,
+            start: float) -> RunResult:
     from factory.console import ray_logs_to
     from factory.pools import connect_ray
 
-    new = not store.exists
     if not new:
         if store.remove_partial():
             log.info("removed temporary files of an interrupted run")
+        damaged = store.damaged()
+        for k, why in damaged.items():
+            log.warning("shard %d is damaged (%s): making it again", k, why)
+        if damaged:
+            store.redo(damaged)
         if store.repair():
             log.info("recorded the shards an interrupted run finished")
     todo = store.todo()
@@ -387,23 +413,52 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
                  skipped, store.num_shards, len(todo))
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
-    start = time.perf_counter()
-    try:
-        store.create()
-    except OSError as e:
-        raise FactoryError(f"cannot write --out {o.out!r}: {e}") from None
-    try:
-        with ray_logs_to(store.log_path) as console:
-            connect_ray(o.address)
-            w, pools, warm_up_s = _pipeline(o, plan, store, todo, labeller, console)
-    except FactoryError:
-        if new:
-            store.discard()
-        raise
+    with ray_logs_to(store.log_path) as console:
+        connect_ray(o.address)
+        w, pools, warm_up_s = _pipeline(o, plan, store, todo, labeller, console)
     return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
                      w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
                      pools={p.kind: (p.min_size, p.max_size) for p in pools.values()},
                      warm_up_s=warm_up_s, actor_spans=w.busy)
+
+
+DRIFT_PACKAGES = ("torch", "diffusers", "transformers")
+
+
+def resolved_run(o: RunOptions, store: ShardStore, pools: dict) -> dict:
+    """What the samples depend on beyond the arguments, as this run resolves it: the precision
+    the generators compute in (`auto`: bfloat16 on GPUs, float32 on CPUs), the SD weights
+    (`actors.names.weights_id`) and the versions of the model libraries."""
+    from actors.names import weights_id
+    from factory.store import package_versions
+
+    versions = package_versions()
+    gpu = pools["generator"].gpus > 0
+    return {"precision": o.precision or ("bfloat16" if gpu else "float32"),
+            "sd_weights": weights_id(store.manifest["run"]["model"]),
+            **{name: versions[name] for name in DRIFT_PACKAGES}}
+
+
+def check_drift(store: ShardStore, now: dict, allow: bool) -> None:
+    """Record the resolved run in a new folder's manifest; refuse a resume that resolves
+    differently (its samples would mix, say, float32 and bfloat16 images), naming the values,
+    unless `allow`, which is recorded under `drift`."""
+    before = store.manifest.get("resolved")
+    if before is None:
+        store.record("resolved", now)
+        return
+    differ = [k for k in now if before.get(k) != now[k]]
+    if not differ:
+        return
+    text = "; ".join(f"{k} {before.get(k)} then, {now[k]} now" for k in differ)
+    if not allow:
+        raise FactoryError(f"{store.root!r} was made by a run that resolved differently ({text}):"
+                           " resume it where it resolves the same, or pass --allow-drift to mix"
+                           " them on purpose")
+    log.warning("notice: --allow-drift: %s", text)
+    store.record("drift", [*store.manifest.get("drift", []), {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "from": {k: before.get(k) for k in differ}, "to": {k: now[k] for k in differ}}])
 
 
 def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int],
@@ -424,6 +479,7 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
                        labellers=parse_pool_size(o.labellers, "labellers"),
                        labeller_images_per_s=labeller.images_per_s,
                        gen_gpus=o.gen_gpus, label_gpus=o.label_gpus)
+    check_drift(store, resolved_run(o, store, pools), o.allow_drift)
     wait_for_placement(pools, o.placement_timeout
                        or PLACEMENT_TIMEOUT["cluster" if o.address else "local"])
     probe_output(store.root)

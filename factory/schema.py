@@ -61,7 +61,8 @@ SEGMENTATION_SCHEMA = pa.schema(
     ],
     metadata={"schema_version": str(SCHEMA_VERSION), "kind": "segmentation"},
 )
-# In segmentation rows, `masks` are the label map's pixels of each class (`label == class id`),
+# In segmentation rows, `masks` are the head's own mask of each class (its probability >= the
+# threshold, so two classes' masks may overlap where the exclusive `label` map chose one),
 # `scores` each class's mean predicted probability inside its mask (0 for an empty mask), and
 # `subset` is "label".
 

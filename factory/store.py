@@ -10,7 +10,10 @@ at its final key, which appears only when complete. Either way a shard file exis
 whole; a rerun with the same run arguments writes only the missing shards, and the result is the
 same files as an uninterrupted run. The manifest's `run` block is what defines the data: a rerun
 whose `run` differs is refused rather than mixed in. Its `shards` block records each finished
-shard's rows, bytes, SHA-256 and the Ray node that wrote it.
+shard's rows, bytes, SHA-256 and the Ray node that wrote it: a shard counts as done only while
+its file matches that record (`damaged` checks size and footer on every resume, `verify` the
+checksums), and on a local disk each file is fsynced before its rename. `factory.lock` lets one
+run at a time write the folder.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import socket
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,10 +36,13 @@ import pyarrow.parquet as pq
 
 from factory.schema import SCHEMA_VERSION, SCHEMAS
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 DATA = "data"  # shards live here, apart from the manifest
 PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
 LOG_FILE = "factory.log"  # Ray's own output during a run (factory/console.py)
+LOCK_FILE = "factory.lock"  # the writing run's host, pid and start time
 TEMP_PREFIX = ".shard-"  # hidden temporary shard files: `.shard-...parquet.tmp-XXXXXXXX`
 
 
@@ -72,7 +80,9 @@ def _is_object_store(fs: pafs.FileSystem) -> bool:
 
 def put_atomic(fs: pafs.FileSystem, path: str, data) -> None:
     """Write `data` (bytes or a pyarrow Buffer) so that `path` never exists half-written: a
-    hidden temporary file renamed into place, or one PUT on an object store."""
+    hidden temporary file renamed into place, or one PUT on an object store. On a local disk
+    the file is fsynced before the rename and its folder after it, so that a power loss leaves
+    the old state or the whole new file, never a truncated one."""
     if _is_object_store(fs):
         with fs.open_output_stream(path) as f:
             f.write(data)
@@ -80,12 +90,104 @@ def put_atomic(fs: pafs.FileSystem, path: str, data) -> None:
     folder, name = posixpath.split(path)
     tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            _write_synced(tmp, path, data)
+        else:  # a filesystem pyarrow opens but Python cannot fsync (hdfs, ...)
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, path)
     finally:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
+
+
+def _write_synced(tmp: str, path: str, data) -> None:
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class FolderLock:
+    """The one-writer lock of an output folder: `factory.lock` holds the writing run's host, pid
+    and start time, from construction until the context closes. A folder locked by a live run,
+    or by a run on another host (which cannot be checked from here), is refused with a
+    StoreError naming the holder; a lock left by a run that is gone (same host, no such
+    process) is taken over with a notice. On a local disk the file is made with O_EXCL, so two
+    runs starting at once cannot both win; on an object store the check is best effort."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, shown: str) -> None:
+        self.fs, self.path, self.shown = fs, path, shown
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": datetime.datetime.now(datetime.UTC).isoformat(
+                           timespec="seconds"), "token": uuid.uuid4().hex}
+        if not self._create():
+            held = self._read()
+            if held is not None and not self._gone(held):
+                raise StoreError(
+                    f"{shown!r} is being written by another run: pid {held.get('pid')} on host "
+                    f"{held.get('host')}, since {held.get('started')} ({LOCK_FILE}); wait for "
+                    f"it, or delete {LOCK_FILE} if that run is gone")
+            log.warning("notice: taking over the lock of %s from pid %s on host %s (since %s), "
+                        "which is gone", shown, held and held.get("pid"),
+                        held and held.get("host"), held and held.get("started"))
+            self.fs.delete_file(self.path)
+            if not self._create():
+                raise StoreError(f"{shown!r} was locked by another run meanwhile ({LOCK_FILE})")
+
+    def _create(self) -> bool:
+        data = json.dumps(self.holder).encode("utf-8")
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.get_file_info(self.path).type == pafs.FileType.File:
+            return False
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):  # gone meanwhile, or half-written by a crashed run
+            return None
+
+    @staticmethod
+    def _gone(held: dict) -> bool:
+        """Whether the holder is a process of this host that no longer exists."""
+        if held.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(held["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError, ValueError):
+            return False
+        return False
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if (self._read() or {}).get("token") == self.holder["token"]:
+            self.fs.delete_file(self.path)
 
 
 @dataclass(frozen=True)
@@ -250,6 +352,11 @@ class ShardStore:
         self.manifest["dropped_count"] = sum(len(v) for v in dropped.values())
         self._write_manifest()
 
+    def record(self, key: str, value) -> None:
+        """Set a top-level manifest entry (e.g. the resolved run) and write the manifest."""
+        self.manifest[key] = value
+        self._write_manifest()
+
     def repair(self) -> int:
         """Record the finished shards a crash between writing a shard and updating the manifest
         left unrecorded (also the shards of folders made before shards were recorded): rows,
@@ -271,6 +378,66 @@ class ShardStore:
         if records:
             self.record_shards(records)
         return len(records)
+
+    def lock(self) -> FolderLock:
+        """Take the folder's one-writer lock (see FolderLock); use it as a context."""
+        layout = self.layout
+        return FolderLock(layout.fs, layout.fs_path(LOCK_FILE), self.root)
+
+    def damaged(self) -> dict[int, str]:
+        """Finished shards that do not match what the manifest recorded when they were written,
+        checked cheaply: the file's size and its Parquet footer's row count (a truncated or
+        empty file has no footer). {shard: what is wrong}. Unrecorded shards are checked for a
+        readable footer only (`repair` records them)."""
+        layout, known, bad = self.layout, self.shards, {}
+        for k in self.done():
+            path = layout.fs_path(DATA, layout.shard_name(k))
+            size = layout.fs.get_file_info(path).size
+            try:
+                with layout.fs.open_input_file(path) as f:
+                    rows = pq.ParquetFile(f).metadata.num_rows
+            except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
+                bad[k] = f"unreadable, {size} bytes: {_first_line(e)}"
+                continue
+            record = known.get(k)
+            if record is not None and size != record["bytes"]:
+                bad[k] = f"{size} bytes, the manifest recorded {record['bytes']}"
+            elif record is not None and rows != record["rows"]:
+                bad[k] = f"{rows} rows, the manifest recorded {record['rows']}"
+        return bad
+
+    def verify(self) -> dict[int, str]:
+        """Every shard checked against the manifest in full: the cheap checks of `damaged`, then
+        each file read whole against its recorded SHA-256; recorded shards whose file is gone
+        and finished shards never recorded count as bad too. {shard: what is wrong}."""
+        layout, known = self.layout, self.shards
+        bad = self.damaged()
+        done = set(self.done())
+        for k in sorted(done - set(bad)):
+            if k not in known:
+                bad[k] = "not recorded in the manifest"
+                continue
+            with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if digest != known[k]["sha256"]:
+                bad[k] = "its SHA-256 differs from the manifest's"
+        for k in sorted(set(known) - done):
+            bad[k] = "recorded in the manifest, but its file is missing"
+        return dict(sorted(bad.items()))
+
+    def redo(self, shards) -> None:
+        """Delete the files and records of `shards` (damaged ones), so the run makes them
+        again."""
+        layout = self.layout
+        for k in shards:
+            path = layout.fs_path(DATA, layout.shard_name(k))
+            if layout.fs.get_file_info(path).type == pafs.FileType.File:
+                layout.fs.delete_file(path)
+            self.manifest.get("shards", {}).pop(str(k), None)
+            self.manifest.get("dropped", {}).pop(str(k), None)
+        self.manifest["dropped_count"] = sum(len(v) for v in self.manifest.get("dropped",
+                                                                               {}).values())
+        self._write_manifest()
 
     def _write_manifest(self) -> None:
         layout = self.layout

@@ -123,3 +123,18 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "factory: error: unknown split 'ade': choose one of pascal, coco")
     assert not (tmp_path / "o").exists()
+
+
+def test_no_command_module_imports_the_factory_cli():
+    """The `factory` CLI imports the jobs and protocols; they must not import it back."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent
+    for path in [*root.glob("eval/*.py"), *root.glob("train/**/*.py"), *root.glob("actors/*.py"),
+                 *(p for p in root.glob("factory/*.py") if p.name != "cli.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names]
+                assert "factory.cli" not in names, f"{path.relative_to(root)} imports factory.cli"

@@ -1,5 +1,6 @@
-"""The DAAM baseline on the tiny SD: same images as the generator, per-class heat maps and masks,
-token spans, processors put back, batch independence."""
+"""The DAAM baseline on the tiny SD: same images as the generator, per-class heat maps and masks
+(by both mask rules, on hand-made heat maps too), token spans, processors put back, batch
+independence."""
 
 import numpy as np
 import pytest
@@ -53,6 +54,24 @@ def test_masks_are_the_heat_maps_over_the_threshold(batch, labelled):
         np.testing.assert_allclose(heat.min((1, 2)), 0, atol=1e-6)
         np.testing.assert_allclose(heat.max((1, 2)), 1, atol=1e-6)
     assert list(out["prompt"]) == list(batch["prompt"]) and "heat" not in out
+
+
+def test_independent_masks_overlap_where_exclusive_ones_pick_the_hotter_class(daam, batch,
+                                                                            monkeypatch):
+    heats = [np.array([[[1.0, 0.6, 0.2, 0.5]], [[0.0, 0.8, 0.5, 0.3]]], dtype=np.float32),
+             np.array([[[0.3, 0.9, 0.4, 0.1]]], dtype=np.float32)]  # (K_b, 1, 4) per sample
+    images = np.zeros((2, 1, 4, 3), dtype=np.uint8)
+    exclusive = DAAMLabeller("tiny", steps=STEPS, mask_rule="exclusive")
+    got = {}
+    for name, labeller in (("independent", daam), ("exclusive", exclusive)):
+        monkeypatch.setattr(labeller, "heat_maps", lambda b: (images, heats))
+        got[name] = [decode_masks(m, 1, 4)[:, 0].tolist() for m in labeller(batch)["masks"]]
+    # threshold 0.4: pixel 1 is hot for both classes, 0.8 beats 0.6
+    assert got["independent"][0] == [[True, True, False, True], [False, True, True, False]]
+    assert got["exclusive"][0] == [[True, False, False, True], [False, True, True, False]]
+    assert got["independent"][1] == got["exclusive"][1] == [[False, True, True, False]]
+    with pytest.raises(ValueError, match="unknown mask rule 'top'"):
+        DAAMLabeller("tiny", steps=STEPS, mask_rule="top")
 
 
 def test_two_classes_of_one_prompt_get_different_heat(labelled):

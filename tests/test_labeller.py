@@ -1,12 +1,17 @@
-"""The grounding-head labeller stage on tiny models, and its label-map rule on hand-made
-probabilities."""
+"""The grounding-head labeller stage on tiny models, and its label-map and mask rules on
+hand-made probabilities."""
 
 import numpy as np
 import pytest
 import torch
 
 from actors.batch import object_column
-from actors.grounding_labeller import GroundingLabeller, check_band, label_maps
+from actors.grounding_labeller import (
+    GroundingLabeller,
+    apply_mask_rule,
+    check_band,
+    label_maps,
+)
 from factory.prompts import prompt_for
 from factory.schema import IGNORE, decode_masks
 
@@ -27,6 +32,29 @@ def test_label_map_never_uses_a_padding_class():
     probs = torch.tensor([[[[0.2, 0.8]], [[0.99, 0.99]]]])                  # (1, 2, 1, 2)
     out = label_maps(probs, torch.tensor([[3, 0]]), torch.tensor([[True, False]]), 0.5, 0.5)
     assert out.tolist() == [[[0, 3]]]
+
+
+def test_independent_masks_overlap_where_exclusive_ones_pick_one_class():
+    logits = torch.tensor([[[[3.0, 1.0, -2.0, 0.5]], [[2.0, 2.0, 1.0, -3.0]]],
+                           [[[-0.5, 1.0, 4.0, -1.0]], [[5.0, 5.0, 5.0, 5.0]]]])  # (2, 2, 1, 4)
+    probs = torch.sigmoid(logits)  # sample 0: .95 .73 .12 .62 / .88 .88 .73 .05
+    valid = torch.tensor([[True, True], [True, False]])  # sample 1 has one class
+    independent = apply_mask_rule(probs, 0.5, "independent", valid)
+    exclusive = apply_mask_rule(probs, 0.5, "exclusive", valid)
+    assert independent[0, :, 0].tolist() == [[True, True, False, True], [True, True, True, False]]
+    assert exclusive[0, :, 0].tolist() == [[True, False, False, True], [False, True, True, False]]
+    assert (independent[0, 0] & independent[0, 1]).sum() == 2  # the paper's rule: overlap
+    assert not (exclusive[:, 0] & exclusive[:, 1]).any()
+    for masks in (independent, exclusive):  # a padding class never takes a pixel
+        assert masks[1, 0, 0].tolist() == [False, True, True, False] and not masks[1, 1].any()
+    # exclusive masks are the label map's pixels of each class
+    ids = torch.tensor([[8, 12], [3, 0]])
+    label = label_maps(probs, ids, valid, 0.5, 0.5)
+    assert torch.equal(exclusive, (label[:, None] == ids[..., None, None]) & valid[..., None, None])
+    high = apply_mask_rule(probs, 0.8, "exclusive", valid)  # pixel 1's winner passes, 3's not
+    assert high[0, :, 0].tolist() == [[True, False, False, False], [False, True, False, False]]
+    with pytest.raises(ValueError, match="unknown mask rule 'argmax'"):
+        apply_mask_rule(probs, 0.5, "argmax", valid)
 
 
 @pytest.mark.parametrize("threshold, band", [(0.0, None), (1.0, None), (0.5, (0.7, 0.3)),
@@ -50,10 +78,13 @@ def labeller(tiny_checkpoint):
 
 
 def test_labels_masks_scores_and_quality_agree(labeller, generated):
+    """masks: each class's own probability >= 0.5, overlapping where the exclusive label map
+    gives the pixel to the more probable class."""
     out = labeller(generated)
     probs, valid = labeller.probabilities(generated, (64, 64))
     assert out["label"].shape == (4, 64, 64) and out["label"].dtype == np.uint8
     assert list(out["prompt"]) == [prompt_for(c) for c in CLASSES]
+    overlap = 0
     for i, classes in enumerate(CLASSES):
         ids = list(generated["class_ids"][i])
         label = out["label"][i]
@@ -62,24 +93,38 @@ def test_labels_masks_scores_and_quality_agree(labeller, generated):
         assert masks.shape == (len(classes), 64, 64)
         p = probs[i, :len(classes)].numpy()
         for k, class_id in enumerate(ids):
-            np.testing.assert_array_equal(masks[k], label == class_id)
+            np.testing.assert_array_equal(masks[k], p[k] >= 0.5)
             assert out["areas"][i][k] == masks[k].sum()
             expected = p[k][masks[k]].mean() if masks[k].any() else 0.0
             assert out["scores"][i][k] == pytest.approx(expected, abs=1e-6)
             # where a class is labelled, it is the most probable and confident one
-            assert (p[k][masks[k]] >= 0.5).all() and (p[k][masks[k]] >= p.max(0)[masks[k]]).all()
+            np.testing.assert_array_equal(label == class_id, masks[k] & (p[k] >= p.max(0)))
         assert ((label == 0) == (p.max(0) < 0.5)).all()
         assert out["quality"][i] == pytest.approx(np.mean(out["scores"][i]), abs=1e-6)
+        overlap += (masks.sum(0) > 1).sum()
+    assert overlap > 0  # both prompt classes' masks hold some pixels: the label map has one
     assert not valid[0, 1] and valid[1].all()
     assert 0 < sum(out["label"].ravel() > 0) < out["label"].size  # a random head labels some
 
 
+def test_the_exclusive_rule_gives_each_class_its_label_map_pixels(tiny_checkpoint, generated):
+    out = GroundingLabeller(tiny_checkpoint, device="cpu", mask_rule="exclusive")(generated)
+    for i, ids in enumerate(generated["class_ids"]):
+        masks = decode_masks(out["masks"][i], 64, 64)
+        np.testing.assert_array_equal(masks, out["label"][i] == np.array(ids)[:, None, None])
+
+
 def test_ignore_band_marks_uncertain_pixels(tiny_checkpoint, generated, labeller):
     banded = GroundingLabeller(tiny_checkpoint, device="cpu", ignore_band=(0.45, 0.55))
-    label = banded(generated)["label"]
-    top = labeller.probabilities(generated, (64, 64))[0].max(1).values.numpy()  # (B, H, W)
+    out = banded(generated)
+    label = out["label"]
+    probs = labeller.probabilities(generated, (64, 64))[0].numpy()
+    top = probs.max(1)                                                        # (B, H, W)
     np.testing.assert_array_equal(label == IGNORE, (top >= 0.45) & (top < 0.55))
     np.testing.assert_array_equal(label == 0, top < 0.45)
+    for i, classes in enumerate(CLASSES):  # a class's mask is its probability >= high
+        masks = decode_masks(out["masks"][i], 64, 64)
+        np.testing.assert_array_equal(masks, probs[i, :len(classes)] >= 0.55)
 
 
 def test_a_sample_is_labelled_the_same_alone_and_in_a_batch(labeller, generated):
@@ -98,3 +143,5 @@ def test_stored_latents_in_float16_label_like_float32(labeller, generated):
 def test_a_head_of_another_sd_is_refused(tiny_checkpoint):
     with pytest.raises(ValueError, match="reads the features of 'tiny'"):
         GroundingLabeller(tiny_checkpoint, model="sd15-random", device="cpu")
+    with pytest.raises(ValueError, match="unknown mask rule 'union'"):
+        GroundingLabeller(tiny_checkpoint, mask_rule="union", device="cpu")

@@ -61,3 +61,25 @@ def test_a_model_that_cannot_be_loaded_gives_one_line(model):
     assert "--model" in str(e.value)
     with pytest.raises(ModelNotFoundError):
         load_sd(model)
+
+
+def test_weights_id_names_the_exact_weights_of_a_local_folder(tmp_path):
+    from actors.names import weights_id
+
+    load_sd("tiny").save_pretrained(tmp_path / "sd")
+    first = weights_id(str(tmp_path / "sd"))
+    assert first.startswith("sha256:") and weights_id(str(tmp_path / "sd")) == first
+    (tmp_path / "copy").mkdir()
+    for path in (tmp_path / "sd").rglob("*"):  # another folder name, the same files: same id
+        target = tmp_path / "copy" / path.relative_to(tmp_path / "sd")
+        if path.is_dir():
+            target.mkdir()
+        else:
+            target.write_bytes(path.read_bytes())
+    assert weights_id(str(tmp_path / "copy")) == first
+    weights = next((tmp_path / "copy" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert weights_id(str(tmp_path / "copy")) != first
+    assert weights_id("tiny") == "tiny (random weights built in code)"

@@ -1,5 +1,6 @@
 """Protocol I end to end on a local Ray: a hand-made test set with a known mix of one/two,
-seen/unseen samples, the tiny grounding head and DAAM; and the protocol's bad inputs."""
+seen/unseen samples, the tiny grounding head and DAAM, by the default (independent) mask rule and
+the exclusive one; and the protocol's bad inputs."""
 
 import json
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import known_masks, write_triplets
 
-from eval.protocol1 import DAAM, HEAD, main
+from eval.protocol1 import DAAM, HEAD, evaluate, main
 from eval.table import COLUMNS, ProtocolTable
 from factory.schema import decode_masks
 from factory.vocab import get_split
@@ -41,10 +42,39 @@ def report(ray_local, test_set, tiny_checkpoint, tmp_path_factory):
         return json.load(f), out
 
 
+@pytest.fixture(scope="module")
+def exclusive_report(ray_local, test_set, tiny_checkpoint, tmp_path_factory):
+    """The one other run of the protocol: both methods by the exclusive mask rule."""
+    return evaluate(test_set, tiny_checkpoint, "daam", mask_rule="exclusive", batch_size=8,
+                    ray_log=str(tmp_path_factory.mktemp("p1") / "exclusive.log"))
+
+
+@pytest.fixture(scope="module")
+def kept_batch(test_set):
+    """The kept samples (all but the last) as the stages get them, for runs without Ray."""
+    from actors.batch import object_column
+    from eval.protocol1 import eval_rows
+    from factory.store import ShardStore
+
+    batch = {k: object_column(v) if isinstance(v[0], list) else np.array(v)
+             for k, v in ShardStore.open(test_set).read().to_pydict().items()}
+    return eval_rows(batch, keep=frozenset(range(7)), stored=False)
+
+
+def table_row(method, batch, masks):
+    """`method`'s Protocol I row of the predicted `masks`, (K, H, W) bool per sample of
+    `batch`."""
+    table = ProtocolTable([method], SPLIT.seen, SPLIT.unseen)
+    for i, classes in enumerate(batch["classes"]):
+        table.update(method, classes, masks[i], decode_masks(batch["oracle"][i], 64, 64))
+    return table.rows()[method]
+
+
 @pytest.mark.slow
 def test_samples_land_in_their_columns_and_empty_masks_are_filtered(report):
     r, _ = report
     assert (r["samples"], r["kept"]) == (8, 7)
+    assert r["mask_rule"] == "independent"
     assert r["columns"] == list(COLUMNS)
     for method in (HEAD, DAAM):
         assert r["counts"][method] == EXPECTED_COUNTS
@@ -52,25 +82,49 @@ def test_samples_land_in_their_columns_and_empty_masks_are_filtered(report):
 
 
 @pytest.mark.slow
-def test_the_table_is_the_stages_masks_scored_against_the_oracle(report, test_set,
+def test_the_table_is_the_stages_masks_scored_against_the_oracle(report, kept_batch,
                                                                 tiny_checkpoint):
     """The same head, run here without Ray on the kept samples, gives the same table row."""
-    from actors.batch import object_column
     from actors.grounding_labeller import GroundingLabeller
-    from eval.protocol1 import eval_rows
-    from factory.store import ShardStore
 
     r, _ = report
-    batch = {k: object_column(v) if isinstance(v[0], list) else np.array(v)
-             for k, v in ShardStore.open(test_set).read().to_pydict().items()}
-    batch = eval_rows(batch, keep=frozenset(range(7)), stored=False)
-    out = GroundingLabeller(tiny_checkpoint, device="cpu")(batch)
-    table = ProtocolTable([HEAD], SPLIT.seen, SPLIT.unseen)
-    for i, classes in enumerate(batch["classes"]):
-        table.update(HEAD, classes, decode_masks(out["masks"][i], 64, 64),
-                     decode_masks(batch["oracle"][i], 64, 64))
-    for column, value in table.rows()[HEAD].items():
+    out = GroundingLabeller(tiny_checkpoint, device="cpu")(kept_batch)
+    masks = [decode_masks(m, 64, 64) for m in out["masks"]]
+    for column, value in table_row(HEAD, kept_batch, masks).items():
         assert r["rows"][HEAD][column] == pytest.approx(value, abs=1.0)  # float rounding only
+
+
+@pytest.mark.slow
+def test_the_exclusive_rule_reaches_both_methods(report, exclusive_report, kept_batch,
+                                                 tiny_checkpoint):
+    """Each method's row by either rule is that rule applied to its scores (the head's
+    probabilities, DAAM's heat), computed here without Ray; the two rules' rows differ."""
+    import torch
+
+    from actors.grounding_labeller import GroundingLabeller, apply_mask_rule
+    from eval.daam import DAAMLabeller
+
+    r, _ = report
+    assert exclusive_report["mask_rule"] == "exclusive"
+    assert "Mask rule: exclusive, each pixel to the class of highest score" in \
+        exclusive_report["markdown"]
+    probs = GroundingLabeller(tiny_checkpoint, device="cpu").probabilities(kept_batch,
+                                                                         (64, 64))[0]
+    heats = DAAMLabeller("tiny", steps=5).heat_maps(kept_batch)[1]  # (K, 64, 64) per sample
+    scores = {HEAD: [p[:len(c)] for p, c in zip(probs, kept_batch["classes"], strict=True)],
+              DAAM: [torch.from_numpy(h) for h in heats]}
+    threshold = {HEAD: 0.5, DAAM: 0.4}  # the protocol's defaults
+    for method in (HEAD, DAAM):
+        rows = {rule: table_row(method, kept_batch,
+                                [apply_mask_rule(x, threshold[method], rule).numpy()
+                                 for x in scores[method]])
+                for rule in ("independent", "exclusive")}
+        two = [c for c in COLUMNS if c.startswith("Two")]
+        # two-class samples: the rules' rows differ by more than the tolerance below
+        assert max(abs(rows["independent"][c] - rows["exclusive"][c]) for c in two) > 2
+        for column in COLUMNS:
+            for rule, got in (("exclusive", exclusive_report), ("independent", r)):
+                assert got["rows"][method][column] == pytest.approx(rows[rule][column], abs=1.0)
 
 
 @pytest.mark.slow
@@ -80,6 +134,7 @@ def test_daam_regenerates_the_stored_images_and_reports_in_markdown(report):
     with open(out.replace(".json", ".md")) as f:
         md = f.read()
     assert "| grounding head |" in md and "| DAAM |" in md and "(paper)" in md
+    assert "Mask rule: independent, each class's score >= the threshold on its own" in md
 
 
 def test_oracle_as_prediction_scores_100_everywhere(test_set):
@@ -105,6 +160,7 @@ def train_set(tmp_path, tiny_generator):
     ([], "nothing to evaluate"),
     (["--baseline", "daam", "--min-area", "0.5"], "no sample"),
     (["--baseline", "daam", "--data", "TRAIN"], "not a test set"),
+    (["--baseline", "daam", "--mask-rule", "argmax"], "unknown mask rule 'argmax'"),
 ])
 def test_bad_protocol_input_is_one_line(run_cli, test_set, train_set, tmp_path, args, message):
     argv = ["--data", test_set, *args]  # a second --data wins
@@ -112,6 +168,15 @@ def test_bad_protocol_input_is_one_line(run_cli, test_set, train_set, tmp_path, 
             for a in argv]
     code, _, err = run_cli(main, argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_factory_eval_grounding_takes_the_mask_rule_too(run_cli, test_set):
+    from factory.cli import main as factory
+
+    code, _, err = run_cli(factory, ["eval", "grounding", "--data", test_set, "--baseline",
+                                     "daam", "--mask-rule", "argmax"])
+    assert code == 2 and err == ("factory: error: unknown mask rule 'argmax': one of "
+                                 "independent, exclusive\n")
 
 
 def test_a_checkpoint_of_another_fold_is_refused(run_cli, test_set, tmp_path, tiny_checkpoint):

@@ -181,3 +181,91 @@ def test_a_planned_run_writes_nothing_until_created_and_can_be_discarded(tmp_pat
     assert store.exists and sorted(os.listdir(tmp_path / "new")) == [DATA, MANIFEST]
     store.discard()
     assert not (tmp_path / "new").exists()
+
+
+def three_written_shards(tmp_path) -> ShardStore:
+    store = make_store(tmp_path)
+    for k, rows in enumerate(([0, 1, 2, 3], [4, 5, 6, 7], [8, 9])):
+        store.write_shard(k, to_triplets(stage_batch(rows)[0], **META))
+    return ShardStore.open(store.root)
+
+
+def test_truncated_empty_or_altered_shards_are_found_and_redone(tmp_path):
+    store = three_written_shards(tmp_path)
+    assert store.damaged() == {} and store.verify() == {}
+    size = store.shards[0]["bytes"]
+    with open(store.shard_path(0), "r+b") as f:
+        f.truncate(size // 2)  # what a power loss without fsync may leave
+    open(store.shard_path(1), "wb").close()
+    data = bytearray(open(store.shard_path(2), "rb").read())
+    data[50] ^= 0xFF  # in the first data page: same size and footer, only the checksum tells
+    open(store.shard_path(2), "wb").write(bytes(data))
+    damaged = store.damaged()
+    assert sorted(damaged) == [0, 1] and "unreadable" in damaged[0] and "0 bytes" in damaged[1]
+    bad = store.verify()
+    assert sorted(bad) == [0, 1, 2] and "SHA-256" in bad[2]
+    store.redo(bad)
+    again = ShardStore.open(store.root)
+    assert again.done() == [] and again.shards == {} and again.verify() == {}
+
+
+def test_verify_names_shards_unrecorded_or_missing(tmp_path):
+    store = three_written_shards(tmp_path)
+    os.remove(store.shard_path(1))
+    store.layout.write(1, to_triplets(stage_batch([4, 5, 6, 7])[0], **META))
+    del store.manifest["shards"]["1"]
+    os.remove(store.shard_path(2))
+    bad = store.verify()
+    assert bad == {1: "not recorded in the manifest",
+                   2: "recorded in the manifest, but its file is missing"}
+
+
+def test_a_local_shard_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    import factory.store
+
+    store = make_store(tmp_path)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(factory.store.os, "fsync", fsync)
+    monkeypatch.setattr(factory.store.os, "replace",
+                        lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    store.layout.write(2, to_triplets(stage_batch([8, 9])[0], **META))
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_one_writer_per_folder(tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    store = make_store(tmp_path)
+    lock_path = os.path.join(store.root, "factory.lock")
+    with store.lock():
+        assert json.load(open(lock_path))["pid"] == os.getpid()
+        with pytest.raises(StoreError, match=rf"another run: pid {os.getpid()} on host "):
+            store.lock()
+    assert not os.path.exists(lock_path)  # released
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for holder, refused in ((alive.pid, True), (dead.pid, False)):
+            json.dump({"host": socket.gethostname(), "pid": holder, "started": "earlier"},
+                      open(lock_path, "w"))
+            if refused:
+                with pytest.raises(StoreError, match=rf"pid {holder} on host .* since earlier"):
+                    store.lock()
+            else:
+                with caplog.at_level("WARNING"), store.lock():
+                    assert json.load(open(lock_path))["pid"] == os.getpid()
+                assert f"taking over the lock of {store.root} from pid {holder}" in caplog.text
+        json.dump({"host": "elsewhere", "pid": dead.pid, "started": "x"}, open(lock_path, "w"))
+        with pytest.raises(StoreError, match="on host elsewhere"):  # cannot be checked: refused
+            store.lock()
+    finally:
+        alive.kill()

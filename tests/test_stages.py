@@ -4,8 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from actors.maskrcnn_labeller import MaskRCNNLabeller, build_torchvision_maskrcnn, class_masks
-from actors.names import DetectorNotFoundError, check_detector
+from actors.maskrcnn_labeller import (
+    MaskRCNNLabeller,
+    build_torchvision_maskrcnn,
+    class_masks,
+)
+from actors.names import DetectorNotFoundError, check_detector, oracle_score_threshold
 from actors.sd_generator import SDGenerator, precision_dtype
 from factory.schema import decode_masks
 
@@ -121,6 +125,18 @@ def test_top1_oracle_takes_the_best_instance(detections):
     assert masks[0].sum() == 256 and masks[0][0, 0] and not masks[0][40, 40]
     masks, _ = class_masks(detections, [18], (64, 64), score_threshold=0.95, oracle="top1")
     assert masks[0].sum() == 0
+    # at its default 0.05, all three dogs pass; the best is taken wherever it is listed
+    shuffled = {k: v[[3, 1, 2, 0]] for k, v in detections.items()}  # dogs 0.3, 0.6, 0.9
+    masks, _ = class_masks(shuffled, [18], (64, 64), score_threshold=0.05, oracle="top1")
+    assert masks[0].sum() == 256 and masks[0][0, 0]
+
+
+def test_each_oracle_has_its_own_default_score_threshold():
+    assert oracle_score_threshold("union") == 0.5
+    assert oracle_score_threshold("top1") == 0.05  # the paper's code: mmdet's test threshold
+    assert oracle_score_threshold("top1", 0.5) == 0.5 and oracle_score_threshold("union", 0) == 0
+    with pytest.raises(ValueError, match="unknown oracle 'best'"):
+        oracle_score_threshold("best")
 
 
 class FixedDetections(torch.nn.Module):
@@ -146,6 +162,45 @@ def test_labeller_maps_prompt_names_to_coco_ids_and_encodes_rle(tiny_labeller, s
     assert first.shape == (2, 64, 64) and first[0][0, 0] and first[1][40, 40]
     assert out["areas"][0] == [256, 256] and out["areas"][1] == [0]
     assert out["scores"][0] == pytest.approx([0.8, 0.7])
+
+
+@pytest.mark.parametrize(("oracle", "score_threshold", "found"), [
+    ("top1", None, True),    # its default 0.05 keeps the 0.1 dog
+    ("union", None, False),  # its default 0.5 drops it
+    ("top1", 0.5, False),    # an explicit threshold wins
+    ("union", 0.05, True),
+])
+def test_oracle_defaults_decide_a_weak_lone_instance(spec_batch, oracle, score_threshold,
+                                                     found):
+    weak_dog = {"labels": torch.tensor([18]), "scores": torch.tensor([0.1]),
+                "masks": square(8, 8)[None]}
+    labeller = MaskRCNNLabeller("pascal", detector="tiny", oracle=oracle,
+                                score_threshold=score_threshold)
+    labeller.model = FixedDetections(weak_dog)
+    batch = spec_batch([("dog",)], [1])
+    batch["image"] = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    out = labeller(batch)
+    assert out["areas"][0] == [256 if found else 0] and out["scores"][0] == pytest.approx([0.1])
+
+
+@pytest.mark.parametrize(("oracle", "given", "recorded"), [
+    ("union", None, 0.5), ("top1", None, 0.05), ("top1", 0.3, 0.3)])
+def test_the_manifest_records_the_resolved_score_threshold(tmp_path, oracle, given, recorded):
+    from factory.errors import FactoryError
+    from factory.pipeline import GenerateOptions, prepare
+    from factory.store import ShardStore
+
+    out = str(tmp_path / "out")
+    options = dict(out=out, model="tiny", n=4, oracle=oracle)
+    _, store = prepare(GenerateOptions(**options, score_threshold=given))
+    store.create()
+    manifest = ShardStore.open(out).manifest
+    assert manifest["run"]["score_threshold"] == recorded
+    assert manifest["arguments"]["score_threshold"] == given  # as given
+    # a rerun naming the same threshold is the same run; another threshold is refused
+    prepare(GenerateOptions(**options, score_threshold=recorded))
+    with pytest.raises(FactoryError, match=f"score_threshold={recorded} "):
+        prepare(GenerateOptions(**options, score_threshold=0.7))
 
 
 def test_tiny_labeller_on_generated_images(tiny_labeller, generated):

@@ -22,7 +22,7 @@ import time
 import click
 import numpy as np
 
-from factory.errors import FactoryError
+from factory.errors import FactoryError, run_command
 from train import jobs
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,4 @@ def cli(keep_empty_masks: bool, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from factory.cli import run_command
-
     run_command(cli, argv, prog_name="python -m train.grounding")

@@ -1,0 +1,136 @@
+"""Faults injected into `factory generate` runs (tiny models, the session's local Ray). Each
+test fails if the protection it covers is removed. A Ray Train worker killed mid-training is in
+tests/test_grounding_job.py."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from simcluster import driver
+
+from factory.cli import main
+from factory.errors import FactoryError
+from factory.pipeline import GenerateOptions, generate
+from factory.store import ShardStore
+
+pytestmark = pytest.mark.slow
+
+RUN = ["--split", "pascal", "--n", "8", "--shard-size", "2", "--seed", "4", "--model", "tiny",
+       "--steps", "5", "--batch-size", "2", "--label-batch-size", "2"]
+
+
+def shard_bytes(out: str) -> dict[int, bytes]:
+    store = ShardStore.open(out)
+    return {k: open(store.shard_path(k), "rb").read() for k in store.done()}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """An uninterrupted run: its folder and its shards' bytes."""
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    main(["generate", "--out", out, *RUN])
+    return out, shard_bytes(out)
+
+
+def test_truncated_and_empty_shards_are_made_again(reference, tmp_path, run_cli, caplog):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference[0], out)
+    store = ShardStore.open(out)
+    with open(store.shard_path(1), "r+b") as f:
+        f.truncate(100)
+    open(store.shard_path(3), "wb").close()
+    with caplog.at_level("INFO"):
+        code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
+    assert code == 0, err
+    assert "shard 1 is damaged (unreadable, 100 bytes" in caplog.text
+    assert "shard 3 is damaged (unreadable, 0 bytes" in caplog.text
+    assert shard_bytes(out) == reference[1] and ShardStore.open(out).verify() == {}
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(reference, tmp_path, run_cli):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference[0], out)
+    store = ShardStore.open(out)
+    os.remove(store.shard_path(2))
+    temp = os.path.join(store.data_dir, ".shard-00002-of-00004.parquet.tmp-0123abcd")
+    open(temp, "wb").write(b"the other run's shard, half written")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(os.path.join(out, "factory.lock"), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": holder.pid, "started": "earlier"}, f)
+        code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
+    finally:
+        holder.kill()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1
+    assert f"is being written by another run: pid {holder.pid} on host" in lines[0]
+    assert os.path.exists(temp)  # its cleanup did not touch the other run's files
+    assert sorted(ShardStore.open(out).done()) == [0, 1, 3]
+
+
+def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
+        ray_local, reference, tmp_path, run_cli, caplog):
+    out = str(tmp_path / "out")
+    address = ray_local.get_runtime_context().gcs_address
+    proc = driver(["generate", "--out", out, *RUN, "--address", address])
+    deadline = time.time() + 300
+    while not (os.path.isdir(os.path.join(out, "data")) and ShardStore.open(out).done()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = ShardStore.open(out).done()
+    assert 1 <= len(left) < 4  # killed mid-run
+    with caplog.at_level("INFO"):
+        code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
+    assert code == 0, err
+    assert f"taking over the lock of {out} from pid {proc.pid}" in caplog.text  # the driver's
+    assert f"{len(left)} of 4 shards already done" in caplog.text
+    assert shard_bytes(out) == reference[1]
+
+
+def test_a_resume_that_resolves_differently_is_refused_unless_drift_is_allowed(
+        reference, tmp_path, caplog):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference[0], out)
+    store = ShardStore.open(out)
+    resolved = store.manifest["resolved"]
+    assert resolved["precision"] == "float32" and resolved["sd_weights"].startswith("tiny")
+    os.remove(store.shard_path(3))
+    store.record("resolved", {**resolved, "precision": "bfloat16", "torch": "0.1"})
+    options = GenerateOptions(out=out, split="pascal", n=8, shard_size=2, seed=4, model="tiny",
+                              steps=5, batch_size=2, label_batch_size=2)
+    with pytest.raises(FactoryError, match=r"\(precision bfloat16 then, float32 now; torch 0\.1 "
+                                           r"then, .* now\).*--allow-drift"):
+        generate(options)
+    assert ShardStore.open(out).done() == [0, 1, 2]
+    with caplog.at_level("WARNING"):
+        result = generate(dataclasses.replace(options, allow_drift=True))
+    assert result.shards_written == 1 and "notice: --allow-drift" in caplog.text
+    drift = ShardStore.open(out).manifest["drift"]
+    assert len(drift) == 1 and drift[0]["from"] == {"precision": "bfloat16", "torch": "0.1"}
+    assert drift[0]["to"]["precision"] == "float32"
+
+
+def test_verify_checks_every_checksum_and_lists_the_bad_shards(reference, tmp_path, run_cli):
+    out = str(tmp_path / "out")
+    shutil.copytree(reference[0], out)
+    code, stdout, _ = run_cli(main, ["verify", out])
+    assert code == 0 and "4 of 4 shards verified" in stdout
+    path = ShardStore.open(out).shard_path(2)
+    data = bytearray(open(path, "rb").read())
+    data[50] ^= 0xFF  # a flipped bit in a data page: size and footer as recorded
+    open(path, "wb").write(bytes(data))
+    code, _, err = run_cli(main, ["verify", out])
+    lines = err.strip().splitlines()
+    assert code == 1 and lines[0].startswith("shard 2 (shard-00002-of-00004.parquet): its SHA")
+    assert lines[1].startswith("1 bad shard(s)")
+    code, _, err = run_cli(main, ["verify", str(tmp_path)])
+    assert code == 2 and "not a factory output folder" in err
