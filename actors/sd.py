@@ -10,12 +10,7 @@ labels need the pixels).
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
-import tempfile
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 from diffusers import (
@@ -24,7 +19,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from actors.names import (
     DEFAULT_MODEL,
@@ -34,36 +29,7 @@ from actors.names import (
     ModelNotFoundError,
     model_not_found,
 )
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    """SD 1.x's tokenizer (OpenAI CLIP BPE, 49,408 tokens) from the vocabulary that ships inside
-    the open_clip_torch package, so tests tokenize class names exactly as SD does, offline."""
-    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
-    merges = gzip.decompress(bpe).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({tok: i for i, tok in enumerate(vocab)}, f)
-        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table (the BPE's base alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
+from actors.tokenizer import clip_tokenizer
 
 
 def sd15_scheduler_config() -> dict:

@@ -30,7 +30,7 @@ import click
 import numpy as np
 
 from factory.console import ray_logs_to
-from factory.errors import FactoryError, run_command
+from factory.errors import FactoryError
 from factory.pools import IMAGES_PER_S, STAGE_CPUS, parse_pool_size
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,8 @@ def cli(out: str | None, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from factory.command import run_command
+
     run_command(cli, argv, prog_name="python -m eval.protocol1")
 
 

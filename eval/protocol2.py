@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from eval.metrics import IoUAccumulator, seen_unseen
-from factory.errors import FactoryError, run_command
+from factory.errors import FactoryError
 from factory.schema import IGNORE
 from factory.vocab import COCO_CATEGORIES, VOCABULARIES, get_split
 from train.maskformer.data import CLASS_LISTS
@@ -351,6 +351,8 @@ def cli(out: str | None, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from factory.command import run_command
+
     run_command(cli, argv, prog_name="python -m eval.protocol2")
 
 

@@ -14,7 +14,8 @@ import click
 from actors.names import DEFAULT_MODEL
 from eval.protocol1 import cli as protocol1
 from eval.protocol2 import cli as protocol2
-from factory.errors import FactoryError, run_command
+from factory.command import run_command
+from factory.errors import FactoryError
 from factory.pipeline import GenerateOptions, LabelOptions
 from train.grounding.job import cli as grounding_job
 from train.maskformer.job import cli as maskformer_job

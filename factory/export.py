@@ -28,8 +28,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from actors.tokenizer import clip_tokenizer
 from factory.schema import IGNORE, decode_label, decode_masks, decode_png
 from factory.store import DATA, MANIFEST, ShardStore
+from factory.vocab import check_class_names
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,16 @@ class ExportResult:
 def export(root: str, fmt: str, out: str) -> ExportResult:
     """Write the factory folder `root` as `fmt` (one of EXPORT_FORMATS) to the new folder `out`
     (absent, or an empty folder). Raises StoreError if `root` is no factory folder, ExportError
-    for a bad format, an occupied `out` or (voc) class ids outside 1..254."""
+    for a bad format, class names that `check_class_names` refuses (a hand-edited manifest), an
+    occupied `out` or (voc) class ids outside 1..254."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose one of "
                           f"{', '.join(EXPORT_FORMATS)}")
     store = ShardStore.open(root)
+    try:
+        check_class_names((c["name"] for c in store.categories), tokenizer=clip_tokenizer())
+    except ValueError as e:
+        raise ExportError(f"the manifest of {root!r} names classes badly: {e}") from None
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExportError(f"{out!r} exists and is not an empty folder")

@@ -14,7 +14,7 @@ import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 
-from factory.vocab import Vocabulary, to_vocab_name
+from factory.vocab import Vocabulary, check_class_names, to_vocab_name
 
 PAIRS_FORMAT = 1
 
@@ -73,10 +73,12 @@ def write_pairs(path: str, counts: collections.Counter, vocab: Vocabulary, sourc
     return len(kept)
 
 
-def read_pairs(path: str, vocab: Vocabulary) -> tuple[tuple[str, str], ...]:
-    """The pairs of a pairs file, checked against `vocab` (ValueError names what is wrong)."""
+def read_pairs(path: str, vocab: Vocabulary, tokenizer=None) -> tuple[tuple[str, str], ...]:
+    """The pairs of a pairs file (UTF-8, a byte-order mark allowed), checked against `vocab` and
+    by `check_class_names` (with `tokenizer`, their prompts' lengths too; ValueError names what
+    is wrong)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             doc = json.load(f)
         pairs = tuple((str(a), str(b)) for a, b in doc["pairs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -90,4 +92,8 @@ def read_pairs(path: str, vocab: Vocabulary) -> tuple[tuple[str, str], ...]:
                          f"{', '.join(unknown)}")
     if any(a == b for a, b in pairs):
         raise ValueError(f"pairs file {path!r} pairs a class with itself")
+    try:
+        check_class_names(dict.fromkeys(c for p in pairs for c in p), pairs, tokenizer)
+    except ValueError as e:
+        raise ValueError(f"pairs file {path!r}: {e}") from None
     return pairs

@@ -221,6 +221,7 @@ def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
     """Check every argument of `label` and the checkpoint (loading the head once), and plan its
     output folder (see `prepare`); nothing is written yet. Raises FactoryError."""
     from actors.grounding_labeller import check_band
+    from actors.tokenizer import clip_tokenizer
     from factory.pairs import read_pairs
     from factory.vocab import get_split, open_vocabulary, read_vocabulary_file
     from train.grounding.checkpoint import HEAD_WEIGHTS, load_grounding_head
@@ -242,9 +243,11 @@ def prepare_label(o: LabelOptions) -> tuple[SamplePlan, ShardStore]:
             if o.pairs:
                 raise ValueError("--pairs names a split's classes: put pairs of an open "
                                  "vocabulary in the --vocab file ('a, b' lines)")
-            names, pairs = (read_vocabulary_file(o.vocab) if o.vocab is not None
+            tokenizer = clip_tokenizer()  # names must fit SD's prompts whole
+            names, pairs = (read_vocabulary_file(o.vocab, tokenizer) if o.vocab is not None
                             else (o.classes.split(","), []))
-            split = open_vocabulary(names, seen=tuple(info.get("seen", ())))
+            split = open_vocabulary(names, seen=tuple(info.get("seen", ())),
+                                    tokenizer=tokenizer)
             pairs = tuple(pairs) or None
         else:
             split = get_split(info["split"], info["fold"])

@@ -21,10 +21,12 @@ import itertools
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from factory.vocab import Split
+if TYPE_CHECKING:  # factory.vocab imports prompt_for (to check names fit): no import back
+    from factory.vocab import Split
 
 SUBSETS = ("train", "test", "label")
 TEMPLATE_ONE = "a photograph of a {}"

@@ -5,11 +5,17 @@ the 80 COCO classes less 'mouse', keeping COCO's category ids). Prompt names fol
 appendix Table 5: VOC spellings (aeroplane, motorbike, pottedplant, diningtable, tvmonitor) and,
 for PASCAL, 'sofa' for COCO's 'couch'. The detector (COCO-trained Mask R-CNN) reports COCO
 category ids; `Vocabulary.detector_ids` maps each prompt name to the COCO id that finds it.
+
+Class names from users (`factory label --classes/--vocab`, pairs files, a manifest to export) pass
+`check_class_names`: SD must read each whole and tell each from the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from factory.prompts import prompt_for
 
 # COCO category id -> COCO name, as in instances_*.json (ids 1-90 with gaps; torchvision's
 # COCO-trained detectors use the same ids as their label indices).
@@ -195,14 +201,61 @@ def to_vocab_name(name: str, vocab: Vocabulary) -> str | None:
 
 OPEN = "custom"  # the split name of an open vocabulary (`factory label --classes/--vocab`)
 MAX_CLASSES = 254  # label maps are uint8: 0 is background, 255 is ignore
+SHOWN_CHARS = 40  # of a long class name in an error message
 
 
-def open_vocabulary(names: list[str], seen: tuple[str, ...] = ()) -> Split:
-    """Any class names as a split: ids 1..N in the order given; `seen` are the names a grounding
-    head was trained on (for the record), the rest unseen."""
-    names = list(dict.fromkeys(" ".join(n.split()) for n in names))
-    if not names or "" in names:
-        raise ValueError("an open vocabulary needs at least one non-empty class name")
+def normal_name(name: str) -> str:
+    """`name` without leading or trailing whitespace, each inner run of it one space."""
+    return " ".join(name.split())
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= SHOWN_CHARS else name[:SHOWN_CHARS].rstrip() + "…")
+
+
+def check_class_names(names: Iterable[str], pairs: Iterable[tuple[str, str]] = (),
+                      tokenizer=None) -> list[str]:
+    """`names` as `normal_name`s, in order, if SD can read each whole and tell each from the
+    others. ValueError, in one line, for an empty name; for two names that differ only in case
+    or spacing (CLIP's tokenizer lowercases and splits on spaces: one embedding under two class
+    ids, and the second id never wins); and, given SD's `tokenizer` (the pipeline passes
+    `actors.tokenizer.clip_tokenizer()`; this layer loads no model library), for a name whose
+    one-class prompt, or a pair whose two-class prompt, is longer than CLIP's text context
+    (start and end tokens included; the encoder would cut it)."""
+    names = list(names)
+    normal = [normal_name(n) for n in names]
+    if "" in normal:
+        raise ValueError(f"class name {normal.index('') + 1} of {len(names)} is empty")
+    first: dict[str, str] = {}
+    for name, key in zip(names, (n.lower() for n in normal), strict=True):
+        if key in first and first[key] == name:
+            raise ValueError(f"class name {_shown(name)} is given twice: give it once")
+        if key in first:
+            raise ValueError(f"{_shown(first[key])} and {_shown(name)} differ only in case or "
+                             "spacing: give one of them")
+        first[key] = name
+    pairs = [(normal_name(a), normal_name(b)) for a, b in pairs]
+    # One order per pair: CLIP's BPE reads word by word, so both orders count the same tokens.
+    prompts = [prompt_for((n,)) for n in normal] + [prompt_for(p) for p in pairs]
+    if tokenizer is None or not prompts:
+        return normal
+    lengths = [len(ids) for ids in tokenizer(prompts, verbose=False).input_ids]
+    what = ([f"class name {_shown(n)}" for n in normal]
+            + [f"pair {_shown(a)} and {_shown(b)}" for a, b in pairs])
+    long = [f"{w} is {k} tokens in its prompt" for w, k in zip(what, lengths, strict=True)
+            if k > tokenizer.model_max_length]
+    if long:
+        raise ValueError(f"{'; '.join(long)}; CLIP reads at most {tokenizer.model_max_length}")
+    return normal
+
+
+def open_vocabulary(names: list[str], seen: tuple[str, ...] = (), tokenizer=None) -> Split:
+    """Any class names as a split: ids 1..N in the order given (`check_class_names` refuses
+    empty, duplicate and too long names); `seen` are the names a grounding head was trained on
+    (for the record), the rest unseen."""
+    names = check_class_names(names, tokenizer=tokenizer)
+    if not names:
+        raise ValueError("an open vocabulary needs at least one class name")
     if len(names) > MAX_CLASSES:
         raise ValueError(f"an open vocabulary holds at most {MAX_CLASSES} classes (uint8 label "
                          f"maps), got {len(names)}")
@@ -215,11 +268,13 @@ def open_vocabulary(names: list[str], seen: tuple[str, ...] = ()) -> Split:
                  tuple(n for n in names if n not in seen))
 
 
-def read_vocabulary_file(path: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """A vocabulary file: one class name a line; a line "a, b" names a co-appearing pair (both
-    become classes); blank lines and lines starting with # are skipped."""
+def read_vocabulary_file(path: str, tokenizer=None) -> tuple[list[str], list[tuple[str, str]]]:
+    """A vocabulary file (UTF-8, a byte-order mark allowed): one class name a line; a line
+    "a, b" names a co-appearing pair (both become classes, and a name may recur in several
+    lines); blank lines and lines starting with # are skipped. Names and pairs pass
+    `check_class_names`."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read vocabulary file {path!r}: {e}") from None
@@ -228,11 +283,15 @@ def read_vocabulary_file(path: str) -> tuple[list[str], list[tuple[str, str]]]:
     for number, line in enumerate(lines, start=1):
         if not line or line.startswith("#"):
             continue
-        parts = [" ".join(p.split()) for p in line.split(",")]
+        parts = [p.strip() for p in line.split(",")]
         if len(parts) > 2 or "" in parts or len(set(parts)) != len(parts):
             raise ValueError(f"{path}:{number}: expected a class name or two distinct names "
                              f"'a, b', got {line!r}")
         names += parts
         if len(parts) == 2:
             pairs.append((parts[0], parts[1]))
-    return list(dict.fromkeys(names)), pairs
+    try:
+        names = check_class_names(dict.fromkeys(names), pairs, tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return names, [(normal_name(a), normal_name(b)) for a, b in pairs]

@@ -4,6 +4,7 @@ the readers their users have (pycocotools, torchvision's VOCSegmentation, pandas
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -171,6 +172,25 @@ def test_voc_refuses_class_ids_a_uint8_map_cannot_hold(tmp_path):
         export(root, "voc", str(tmp_path / "voc"))
     assert sorted(os.listdir(tmp_path)) == ["data"]
     export(root, "coco", str(tmp_path / "coco"))  # COCO has no such limit
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "parquet"])
+@pytest.mark.parametrize(("names", "message"), [
+    (["cat", "dog", "Dog"], "'dog' and 'Dog' differ only in case or spacing"),
+    (["cat", "dog", "dog"], "class name 'dog' is given twice"),
+    (["cat", "", "red panda"], "class name 2 of 3 is empty"),
+])
+def test_an_export_refuses_class_names_a_hand_edited_manifest_spoils(tmp_path, fmt, names,
+                                                                      message):
+    root, *_ = write_folder(tmp_path / "data", "segmentation")
+    store = ShardStore.open(root)
+    store.manifest["categories"] = [{"id": c["id"], "name": n}
+                                    for c, n in zip(CATEGORIES, names, strict=True)]
+    store._write_manifest()
+    with pytest.raises(ExportError, match=re.escape(f"the manifest of '{root}' names classes "
+                                                    f"badly: {message}")):
+        export(root, fmt, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["data"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

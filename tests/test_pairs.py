@@ -4,7 +4,7 @@ import os
 import pytest
 
 from factory.pairs import coco_images, count_pairs, read_pairs, voc_images, write_pairs
-from factory.vocab import VOCABULARIES
+from factory.vocab import VOCABULARIES, open_vocabulary
 
 
 @pytest.fixture
@@ -57,3 +57,26 @@ def test_pairs_file_round_trip_and_checks(tmp_path, coco_json):
     open(path, "w").write(json.dumps(doc))
     with pytest.raises(ValueError, match="lacks: unicorn"):
         read_pairs(path, VOCABULARIES["coco"])
+
+
+def test_a_pairs_file_may_start_with_a_byte_order_mark(tmp_path, coco_json):
+    path = tmp_path / "pairs.json"
+    counts = count_pairs(coco_images(coco_json), VOCABULARIES["coco"])
+    write_pairs(str(path), counts, VOCABULARIES["coco"], source=coco_json)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as an editor on Windows saves it
+    assert read_pairs(str(path), VOCABULARIES["coco"]) == (("person", "dog"), ("person", "couch"))
+
+
+def test_a_pair_too_long_for_one_prompt_is_refused(tmp_path):
+    from actors.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    a, b = " ".join(["zebra"] * 35), " ".join(["horse"] * 35)  # 41 tokens each in one prompt
+    vocab = open_vocabulary([a, b, "cat"], tokenizer=tokenizer).vocab
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"vocabulary": vocab.name, "pairs": [[b, "cat"]]}))
+    assert read_pairs(str(path), vocab, tokenizer) == ((b, "cat"),)
+    path.write_text(json.dumps({"vocabulary": vocab.name, "pairs": [[b, "cat"], [a, b]]}))
+    with pytest.raises(ValueError, match=r"pairs.json': pair 'zebra .*' and 'horse .*' is 78 "
+                                         r"tokens in its prompt; CLIP reads at most 77$"):
+        read_pairs(str(path), vocab, tokenizer)

@@ -22,7 +22,7 @@ import time
 import click
 import numpy as np
 
-from factory.errors import FactoryError, run_command
+from factory.errors import FactoryError
 from train import jobs
 
 log = logging.getLogger(__name__)
@@ -230,4 +230,6 @@ def cli(keep_empty_masks: bool, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from factory.command import run_command
+
     run_command(cli, argv, prog_name="python -m train.grounding")
