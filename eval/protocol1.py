@@ -50,15 +50,13 @@ def kept_samples(areas: list[list[int]], height: int, width: int, min_area: floa
     return np.array([all(a >= need for a in row) for row in areas], dtype=bool)
 
 
-def eval_rows(batch: dict[str, np.ndarray], *, keep: frozenset, stored: bool
-              ) -> dict[str, np.ndarray]:
-    """Stored triplets -> the stages' inputs: kept rows only, x_t decoded, the oracle masks
-    renamed `oracle`; with `stored`, the stored image decoded for DAAM's regeneration check."""
+def eval_rows(batch: dict[str, np.ndarray], *, stored: bool) -> dict[str, np.ndarray]:
+    """Kept test triplets -> the stages' inputs: x_t decoded, the oracle masks renamed `oracle`;
+    with `stored`, the stored image decoded for DAAM's regeneration check."""
     from actors.batch import with_lists
     from factory.schema import decode_latents, decode_png
 
-    rows = np.flatnonzero([int(i) in keep for i in batch["index"]])
-    batch = with_lists({k: v[rows] for k, v in batch.items()})
+    batch = with_lists(batch)
     out = {k: v for k, v in batch.items()
            if k not in ("masks", "image", "x_t", "x_t_shape", "x_t_dtype")}
     out["oracle"] = batch["masks"]
@@ -190,6 +188,7 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, 
     """Test rows in blocks of `batch_size` -> the head's pool (on `label` slots) and/or DAAM's
     (on `gen` slots, as it regenerates images), sized like `factory generate`'s pools."""
     import ray
+    from ray.data.expressions import col
 
     from factory.pools import (
         PLACEMENT_TIMEOUT,
@@ -209,10 +208,13 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, 
                        gen_gpus=gpus["generator"], label_gpus=gpus["labeller"], kinds=kinds)
     wait_for_placement(pools, placement_timeout
                        or PLACEMENT_TIMEOUT["cluster" if address else "local"])
+    # the kept rows first, in blocks of the stages' batch size: a file may keep none of its
+    # rows, and an empty block is nothing to decode
     ds = (ray.data.read_parquet(store.data_dir).select_columns(COLUMNS)
-          .map_batches(eval_rows, fn_kwargs={"keep": kept, "stored": baseline is not None},
-                       num_cpus=STAGE_CPUS)
-          .repartition(target_num_rows_per_block=batch_size))
+          .filter(expr=col("index").is_in(sorted(kept)))
+          .repartition(target_num_rows_per_block=batch_size)
+          .map_batches(eval_rows, fn_kwargs={"stored": baseline is not None}, batch_size=None,
+                       num_cpus=STAGE_CPUS))
     if info is not None:
         from actors.grounding_labeller import GroundingLabeller
 
