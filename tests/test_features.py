@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actors.class_embeddings import ClassEmbedder
-from actors.features import FeatureExtractor, encode_prompts, group_by_resolution
+from actors.features import FeatureExtractor, encode_prompts, feature_maps, group_by_resolution
 from actors.names import ModelStructureError, check_model_name, check_unet_config
 from actors.sd import load_sd
 from factory.pipeline import FactoryError, GenerateOptions, prepare
@@ -19,34 +19,35 @@ def extractor(tiny_generator):
     return FeatureExtractor(tiny_generator.pipe.unet)
 
 
-def features_during_generation(generator, batch):
-    """Generate `batch`, keeping the block outputs of the UNet call at the feature step."""
+def features_during_generation(generator, extractor, batch):
+    """Generate `batch`, keeping the outputs of the extractor's modules (the 17 ldm block outputs
+    of the tiny UNet) in the UNet call at the feature step."""
     unet, calls, kept = generator.pipe.unet, [], []
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
 
     def count(module, args):
         calls.append(1)
 
     def keep(module, args, output):
         if len(calls) == generator.feature_step + 1:
-            kept.append((output[0] if isinstance(output, tuple) else output).clone())
+            sample = output if isinstance(output, torch.Tensor) else output[0]
+            kept.append(sample.clone())
 
     handles = [unet.register_forward_pre_hook(count)]
-    handles += [b.register_forward_hook(keep) for b in blocks]
+    handles += [m.register_forward_hook(keep) for m in extractor.modules]
     try:
         out = generator(batch)
     finally:
         for h in handles:
             h.remove()
-    assert len(calls) == generator.steps and len(kept) == len(blocks)
+    assert len(calls) == generator.steps and len(kept) == len(extractor.maps) == 17
     B = len(batch["prompt"])
-    groups = group_by_resolution(kept, 4)                     # (2B, C, r, r), uncond first
+    groups = group_by_resolution(kept, extractor.maps)        # (2B, C, r, r), uncond first
     return out, [torch.cat([g[:B], g[B:]], dim=1) for g in groups]
 
 
 def test_recomputed_features_equal_those_of_generation(tiny_generator, extractor, spec_batch):
     batch = spec_batch(PROMPTS, [1, 2, 3, 4])
-    out, hooked = features_during_generation(tiny_generator, batch)
+    out, hooked = features_during_generation(tiny_generator, extractor, batch)
     cond, uncond = encode_prompts(tiny_generator.pipe, list(out["prompt"]))
     recomputed = extractor(torch.from_numpy(out["x_t"]), torch.from_numpy(out["t"]), cond, uncond)
     assert [f.shape for f in recomputed] == [f.shape for f in hooked]
@@ -80,20 +81,49 @@ def test_feature_pyramid_shapes_and_cfg_stacking(extractor):
     text = torch.randn(2, 77, 32)
     stacked = extractor(x, 1, text, text * 0.5)
     assert [tuple(f.shape[2:]) for f in stacked] == [(1, 1), (2, 2), (4, 4), (8, 8)]
-    assert [f.shape[1] for f in stacked] == extractor.channels == [96, 64, 48, 48]
+    assert [f.shape[1] for f in stacked] == extractor.channels == [128, 128, 112, 96]
     cond_only = FeatureExtractor(extractor.unet, stack_cfg=False)(x, 1, text, text * 0.5)
     for s, c in zip(stacked, cond_only, strict=True):
         torch.testing.assert_close(s[:, s.shape[1] // 2:], c)
         assert not torch.allclose(s[:, : s.shape[1] // 2], c)
 
 
-def test_sd15_sized_config_gives_the_papers_channels():
+@pytest.fixture(scope="module")
+def sd15_unet():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):  # shapes only, no memory
-        unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280),
+        return UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280),
                                     cross_attention_dim=768, attention_head_dim=8)
-    assert FeatureExtractor(unet).channels == [7680, 3840, 3200, 1920]
+
+
+def test_sd15_sized_config_gives_the_papers_channels(sd15_unet):
+    assert FeatureExtractor(sd15_unet).channels == [15360, 14080, 8320, 5120]
+    assert FeatureExtractor(sd15_unet, stack_cfg=False).channels == [7680, 7040, 4160, 2560]
+
+
+def test_sd15_maps_are_the_25_ldm_block_outputs(sd15_unet):
+    """ldm's input blocks 0-11, middle block, output blocks 0-11 (`openaimodel.py`), as
+    (module, channels, size at 512x512)."""
+    maps = [(m.module, m.channels, 64 // 2**m.level) for m in feature_maps(sd15_unet.config)]
+    inputs = [("conv_in", 320, 64),
+              ("down_blocks.0.attentions.0", 320, 64), ("down_blocks.0.attentions.1", 320, 64),
+              ("down_blocks.0.downsamplers.0", 320, 32),
+              ("down_blocks.1.attentions.0", 640, 32), ("down_blocks.1.attentions.1", 640, 32),
+              ("down_blocks.1.downsamplers.0", 640, 16),
+              ("down_blocks.2.attentions.0", 1280, 16), ("down_blocks.2.attentions.1", 1280, 16),
+              ("down_blocks.2.downsamplers.0", 1280, 8),
+              ("down_blocks.3.resnets.0", 1280, 8), ("down_blocks.3.resnets.1", 1280, 8)]
+    outputs = [("up_blocks.0.resnets.0", 1280, 8), ("up_blocks.0.resnets.1", 1280, 8),
+               ("up_blocks.0.upsamplers.0", 1280, 16),
+               ("up_blocks.1.attentions.0", 1280, 16), ("up_blocks.1.attentions.1", 1280, 16),
+               ("up_blocks.1.upsamplers.0", 1280, 32),
+               ("up_blocks.2.attentions.0", 640, 32), ("up_blocks.2.attentions.1", 640, 32),
+               ("up_blocks.2.upsamplers.0", 640, 64),
+               ("up_blocks.3.attentions.0", 320, 64), ("up_blocks.3.attentions.1", 320, 64),
+               ("up_blocks.3.attentions.2", 320, 64)]
+    assert maps == inputs + [("mid_block", 1280, 8)] + outputs
+    assert len(FeatureExtractor(sd15_unet).modules) == 25
 
 
 def test_a_unet_without_sd1_blocks_is_refused(tmp_path):

@@ -3,15 +3,16 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from actors.frozen_sd import FrozenSD
 from factory.store import ShardStore
 from train.grounding.checkpoint import CheckpointError, load_grounding_head
 from train.grounding.data import training_batch
-from train.grounding.model import build_grounding_head, grounding_loss, trained_pairs
+from train.grounding.model import SegBlock, build_grounding_head, grounding_loss, trained_pairs
 from train.grounding.trainer import mask_iou, train_step
 
-TINY_GROUPS = ((96, 1), (64, 2), (48, 4), (48, 8))  # tiny SD's feature groups: channels, size
+TINY_GROUPS = ((128, 1), (128, 2), (112, 4), (96, 8))  # tiny SD's feature groups: channels, size
 
 
 def tiny_inputs(b, k=2, seed=0):
@@ -36,14 +37,73 @@ def test_samples_and_padding_do_not_mix_across_the_batch(conditional):
 
 
 def test_paper_head_shapes():
+    """The official widths and resolutions: mix blocks of 48, 112, 240 channels at 32, 64, 64;
+    a 240-d mask embedding per class from a 3-layer pre-norm decoder."""
     head = build_grounding_head("paper").eval()
-    feats = [torch.randn(1, c, r, r) for c, r in zip((7680, 3840, 3200, 1920), (8, 16, 32, 64),
+    feats = [torch.randn(1, c, r, r) for c, r in zip((15360, 14080, 8320, 5120), (8, 16, 32, 64),
                                                       strict=True)]
-    with torch.no_grad():
-        logits = head(feats, torch.randn(1, 2, 768), size=(512, 512))
+    mixed = []
+    handles = [m.register_forward_hook(lambda m, a, out: mixed.append(tuple(out.shape[1:])))
+               for m in head.visual.mix]
+    try:
+        with torch.no_grad():
+            logits = head(feats, torch.randn(1, 2, 768), size=(512, 512))
+    finally:
+        for h in handles:
+            h.remove()
     assert logits.shape == (1, 2, 512, 512)
-    assert head.visual.mix[-1].conv2.out_channels == 240
-    assert len(head.fusion.decoder.layers) == 3
+    assert mixed == [(48, 32, 32), (112, 64, 64), (240, 64, 64)]
+    assert head.fusion.mask_mlp[-1].out_features == head.cfg.pixel_dim == 240
+    layers = head.fusion.decoder.layers
+    assert len(layers) == 3 and all(layer.norm_first for layer in layers)
+    assert head.fusion.decoder.norm is None
+
+
+def test_reducing_before_upsampling_is_the_official_encoder():
+    """The official `_prepare_features` upsamples each group but the finest 2x and then applies
+    its 1x1 conv; ours reduces first. Both orders, and so both encoders, agree."""
+    torch.manual_seed(0)
+    visual = build_grounding_head("tiny").visual.eval()
+    feats, _ = tiny_inputs(2)
+
+    def up(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        for reduce, f in zip(visual.reduce[:-1], feats[:-1], strict=True):
+            size = 2 * f.shape[-1]
+            torch.testing.assert_close(reduce(up(f, size)), up(reduce(f), size))
+        low = visual.reduce[0](up(feats[0], 2))                                 # 2x2
+        mid = visual.mix[0](torch.cat([up(low, 4), visual.reduce[1](up(feats[1], 4))], 1))
+        high = visual.mix[1](torch.cat([up(mid, 8), visual.reduce[2](up(feats[2], 8))], 1))
+        highest = visual.mix[2](torch.cat([high, visual.reduce[3](feats[3])], 1))
+        torch.testing.assert_close(visual(feats), highest)
+
+
+def test_seg_block_is_the_official_pre_activation_block():
+    """`SegBlock.forward` of the official code, on our block's spectral-normalised weights: batch
+    norm (training, eps 1e-4) first, the residual from the normalised input, no ReLU at the end."""
+    torch.manual_seed(0)
+    block = SegBlock(8).train()
+    block.conv1.eval()  # freezes the spectral norm's power iteration, so both see one weight
+    block.conv2.eval()
+    x = torch.randn(2, 8, 5, 5) * 3 + 1
+    stats = [torch.zeros(8), torch.ones(8), torch.zeros(8), torch.ones(8)]
+
+    def conv(c, h):
+        return F.conv2d(h, c.weight, c.bias, padding=1)
+
+    ref_x = F.batch_norm(x, stats[0], stats[1], None, None, True, 0.1, 1e-4)
+    h = conv(block.conv1, F.relu(ref_x))
+    h = F.batch_norm(h, stats[2], stats[3], None, None, True, 0.1, 1e-4)
+    ref = conv(block.conv2, F.relu(h)) + ref_x
+    out = block(x)
+    torch.testing.assert_close(out, ref)
+    assert (out < 0).any()
+    torch.testing.assert_close(block.norm1.bn.running_mean, stats[0])
+    for c in (block.conv1, block.conv2):  # spectral norm ~1: divided by its top singular value
+        sigma = torch.linalg.matrix_norm(c.weight.detach().flatten(1), ord=2)
+        assert 0.99 < sigma < 1.1, sigma
 
 
 def test_loss_is_bce_over_seen_non_empty_masks():
@@ -86,16 +146,18 @@ def batches_of(root):
 
 
 def test_head_learns_known_masks_on_cpu(known_mask_data):
-    """Parquet triplets -> training batches -> recomputed features -> head: IoU from < 0.2 to
-    > 0.8 in 300 steps (the curve is in the closing note of the issue)."""
+    """Parquet triplets -> training batches -> recomputed features -> head: IoU on the training
+    samples from < 0.2 to > 0.8 in 200 steps. (It memorises them: on held-out known-mask samples
+    the IoU stays below 0.2, see the closing note of issue 14.)"""
     batch = batches_of(known_mask_data)
     sd = FrozenSD("tiny", "cpu")
+    inputs = sd.inputs(batch)  # the features are a deterministic function of the batch
     torch.manual_seed(0)
     head = build_grounding_head("tiny", **sd.head_overrides())
     opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
 
     def eval_iou():
-        feats, text, valid, masks = sd.inputs(batch)
+        feats, text, valid, masks = inputs
         head.eval()
         with torch.no_grad():
             logits = head(feats, text, valid, size=masks.shape[-2:])
@@ -103,8 +165,8 @@ def test_head_learns_known_masks_on_cpu(known_mask_data):
         return mask_iou(logits, masks, trained_pairs(masks, valid))
 
     before = eval_iou()
-    for _ in range(300):
-        train_step(head, opt, sd.inputs(batch))
+    for _ in range(200):
+        train_step(head, opt, inputs)
     after = eval_iou()
     assert before < 0.2 and after > 0.8, (before, after)
 

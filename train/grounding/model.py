@@ -1,10 +1,15 @@
 """The grounding head (paper sec. 4.2, appendix A): SD's UNet features plus a class name's text
-embedding in, one mask per class out.
+embedding in, one mask per class out. It follows the paper's public code (`seg_module.py`,
+`Segmodule`) layer for layer, batched.
 
-    visual encoder  per resolution group a 1x1 conv, then coarse to fine: upsample, concatenate,
-                    mix-conv; a `mask_dim`-channel pixel map at the finest resolution
-    fusion          the pixel map cut into patches -> tokens (keys, values); class embeddings ->
-                    queries of a transformer decoder; an MLP -> one mask embedding per class
+    visual encoder  per resolution group (coarse to fine: 8, 16, 32, 64 at 512x512) a 1x1 conv to
+                    `reduced` channels, every group but the finest upsampled 2x; then coarse to
+                    fine: upsample the running map to the next group's size, concatenate,
+                    SegBlock (pre-activation residual block, spectral-normalised 3x3 convs),
+                    at 32, 64 and 64 -> a sum(reduced) = 240-channel pixel map at 64x64
+    fusion          the pixel map cut into 4x4 patches -> tokens projected to 512 (keys, values);
+                    class embeddings projected to 512 -> queries of a 3-layer pre-norm
+                    transformer decoder; a 3-layer MLP -> one 240-d mask embedding per class
     masks           logits = mask embedding . pixel map, upsampled to the image size
 
 Unlike the paper's public code (correct at batch size 1 only), every sample and every class query
@@ -18,14 +23,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
 
 
 @dataclass(frozen=True)
 class GroundingHeadConfig:
-    in_channels: tuple[int, ...] = (7680, 3840, 3200, 1920)  # feature groups, coarse to fine
-    # (SD 1.5 with CFG halves stacked; FeatureExtractor.channels gives them for any SD 1.x)
-    reduced: tuple[int, ...] = (16, 32, 64, 128)  # 1x1-conv width per group, coarse to fine
-    mask_dim: int = 240  # channels of the pixel map and of each mask embedding
+    in_channels: tuple[int, ...] = (15360, 14080, 8320, 5120)  # feature groups, coarse to fine
+    # (SD 1.5's 25 ldm block outputs, CFG halves stacked; FeatureExtractor.channels gives them
+    # for any SD 1.x)
+    reduced: tuple[int, ...] = (16, 32, 64, 128)  # 1x1-conv width per group, coarse to fine;
+    # the pixel map and each mask embedding have their sum (240) channels
     text_dim: int = 768  # CLIP text hidden size for SD 1.x
     d_model: int = 512  # width of the transformer decoder
     n_heads: int = 8
@@ -34,58 +41,94 @@ class GroundingHeadConfig:
     patch: int = 4  # pixel-map patch size for the decoder's visual tokens
     conditional_norm: bool = False  # paper: conditional batch norm; its code: plain batch norm
 
+    @property
+    def pixel_dim(self) -> int:
+        """Channels of the pixel map and of each mask embedding."""
+        return sum(self.reduced)
+
     @classmethod
-    def tiny(cls, in_channels: tuple[int, ...] = (96, 64, 48, 48), text_dim: int = 32
+    def tiny(cls, in_channels: tuple[int, ...] = (128, 128, 112, 96), text_dim: int = 32
              ) -> GroundingHeadConfig:  # random-weight SD "tiny": tests and the demo
-        return cls(in_channels=in_channels, reduced=(4, 4, 8, 8), mask_dim=16, text_dim=text_dim,
-                   d_model=32, n_heads=2, n_layers=2, ffn_dim=64, patch=2)
+        return cls(in_channels=in_channels, reduced=(4, 4, 8, 8), text_dim=text_dim, d_model=32,
+                   n_heads=2, n_layers=2, ffn_dim=64, patch=2)
 
 
-class MixConv(nn.Module):
-    """Two 3x3 convs with batch norm and a residual path (BigDatasetGAN's mix-conv block). With
-    `conditional`, the second norm's scale and shift come from a condition vector."""
+def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize to `size` (align_corners=False, as the official code)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
-    def __init__(self, c_in: int, c_out: int, cond_dim: int | None = None) -> None:
+
+def sn_conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
+    """The official SNConv2d: a 3x3 conv whose weight is divided by its spectral norm, estimated
+    with one power iteration per training step (eps 1e-4)."""
+    return spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1), n_power_iterations=1, eps=1e-4)
+
+
+class Norm(nn.Module):
+    """The official SegBlock's batch norm (no affine, eps 1e-4, momentum 0.1); with `cond_dim`,
+    the paper's conditional batch norm: scale 1 + Linear(cond) and shift Linear(cond) per sample
+    (BigGAN's ccbn)."""
+
+    def __init__(self, channels: int, cond_dim: int | None = None) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.norm1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(c_out, affine=cond_dim is None)
-        self.film = nn.Linear(cond_dim, 2 * c_out) if cond_dim is not None else None
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
+        self.scale = nn.Linear(cond_dim, channels) if cond_dim is not None else None
+        self.shift = nn.Linear(cond_dim, channels) if cond_dim is not None else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = F.relu(self.norm1(self.conv1(x)))                               # (B, c_out, H, W)
-        h = self.norm2(self.conv2(h))
-        if self.film is not None:
-            scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)  # (B, c_out, 1, 1)
-            h = h * (1 + scale) + shift
-        return F.relu(h + self.skip(x))
+        x = self.bn(x)                                                      # (B, C, H, W)
+        if self.scale is None:
+            return x
+        scale = 1 + self.scale(cond)[:, :, None, None]                      # (B, C, 1, 1)
+        return x * scale + self.shift(cond)[:, :, None, None]
+
+
+class SegBlock(nn.Module):
+    """The official mix-conv block (BigGAN's pre-activation residual block, without upsampling):
+    x = norm(x); h = conv2(relu(norm(conv1(relu(x))))); out = h + x. Every mix block keeps its
+    width, so the shortcut is the identity."""
+
+    def __init__(self, channels: int, cond_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = Norm(channels, cond_dim)
+        self.conv1 = sn_conv3x3(channels, channels)
+        self.norm2 = Norm(channels, cond_dim)
+        self.conv2 = sn_conv3x3(channels, channels)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        x = self.norm1(x, cond)                                             # (B, C, H, W)
+        h = self.conv1(F.relu(x))
+        h = self.conv2(F.relu(self.norm2(h, cond)))                         # (B, C, H, W)
+        return h + x
 
 
 class VisualEncoder(nn.Module):
-    """UNet feature groups -> one `mask_dim`-channel pixel map at the finest group's size."""
+    """UNet feature groups -> one `pixel_dim`-channel pixel map at the finest group's size."""
 
     def __init__(self, cfg: GroundingHeadConfig) -> None:
         super().__init__()
         assert len(cfg.in_channels) == len(cfg.reduced), "one reduced width per feature group"
-        self.reduce = nn.ModuleList(nn.Conv2d(c, r, 1) for c, r in zip(cfg.in_channels,
-                                                                           cfg.reduced,
-                                                                           strict=True))
-        widths = [cfg.reduced[0]]
-        for i, r in enumerate(cfg.reduced[1:], start=1):
-            last = i == len(cfg.reduced) - 1
-            widths.append(cfg.mask_dim if last else widths[-1] + r)
+        self.reduce = nn.ModuleList(nn.Conv2d(c, r, 1, bias=False)
+                                    for c, r in zip(cfg.in_channels, cfg.reduced, strict=True))
+        widths = [sum(cfg.reduced[:i + 1]) for i in range(len(cfg.reduced))]  # 16, 48, 112, 240
         cond_dim = cfg.text_dim if cfg.conditional_norm else None
-        self.mix = nn.ModuleList(MixConv(widths[i - 1] + cfg.reduced[i], widths[i], cond_dim)
-                                 for i in range(1, len(cfg.reduced)))
+        self.mix = nn.ModuleList(SegBlock(w, cond_dim) for w in widths[1:])
 
     def forward(self, feats: list[Tensor], cond: Tensor | None = None) -> Tensor:
-        x = self.reduce[0](feats[0])                                        # (B, r_0, h_0, w_0)
-        for reduce, mix, f in zip(self.reduce[1:], self.mix, feats[1:], strict=True):
-            x = F.interpolate(x, size=f.shape[-2:], mode="bilinear", align_corners=False)
-            x = mix(torch.cat([x, reduce(f)], dim=1), cond)                   # (B, w_i, h_i, w_i)
-        return x                                                            # (B, mask_dim, H, W)
+        # The official code upsamples every group but the finest 2x, then applies the 1x1 conv.
+        # A 1x1 conv mixes channels pixel by pixel and bilinear upsampling mixes pixels channel
+        # by channel, so the two commute: reducing first gives the same maps without upsampling
+        # 15360-channel ones (tests/test_grounding.py checks it).
+        *coarse, finest = feats
+        maps = [upsample(r(f), (2 * f.shape[-2], 2 * f.shape[-1]))
+                for r, f in zip(self.reduce[:-1], coarse, strict=True)]     # (B, r_i, 2h_i, 2w_i)
+        maps.append(self.reduce[-1](finest))                                # (B, r_3, H, W)
+        x = maps[0]
+        for mix, m in zip(self.mix, maps[1:], strict=True):
+            x = mix(torch.cat([upsample(x, m.shape[-2:]), m], dim=1), cond)  # (B, w_i, H_i, W_i)
+        return x                                                            # (B, pixel_dim, H, W)
 
 
 class Fusion(nn.Module):
@@ -94,21 +137,22 @@ class Fusion(nn.Module):
     def __init__(self, cfg: GroundingHeadConfig) -> None:
         super().__init__()
         self.patch = cfg.patch
-        self.visual_proj = nn.Linear(cfg.mask_dim * cfg.patch**2, cfg.d_model)
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model)
+        self.visual_proj = nn.Linear(cfg.pixel_dim * cfg.patch**2, cfg.d_model, bias=False)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.d_model, bias=False)
+        # the official pre-norm layer, except that torch's attention projections have biases
         layer = nn.TransformerDecoderLayer(cfg.d_model, cfg.n_heads, cfg.ffn_dim, dropout=0.0,
-                                           batch_first=True)
-        self.decoder = nn.TransformerDecoder(layer, cfg.n_layers)
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, cfg.n_layers)  # no final norm, as official
         self.mask_mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_model), nn.ReLU(),
                                       nn.Linear(cfg.d_model, cfg.d_model), nn.ReLU(),
-                                      nn.Linear(cfg.d_model, cfg.mask_dim))
+                                      nn.Linear(cfg.d_model, cfg.pixel_dim))
 
     def forward(self, pix: Tensor, text: Tensor, valid: Tensor) -> Tensor:
         p = self.patch
         tokens = F.unfold(pix, kernel_size=p, stride=p).transpose(1, 2)     # (B, HW/p^2, C p^2)
         q = self.decoder(self.text_proj(text), self.visual_proj(tokens),
                          tgt_key_padding_mask=~valid)                        # (B, K, d_model)
-        return self.mask_mlp(q)                                             # (B, K, mask_dim)
+        return self.mask_mlp(q)                                             # (B, K, pixel_dim)
 
 
 class GroundingHead(nn.Module):
@@ -134,8 +178,8 @@ class GroundingHead(nn.Module):
         if self.cfg.conditional_norm:  # the mean embedding of the sample's real classes
             w = valid.to(text.dtype)[..., None]
             cond = (text * w).sum(1) / w.sum(1).clamp(min=1)                 # (B, text_dim)
-        pix = self.visual(feats, cond)                                      # (B, mask_dim, H, W)
-        emb = self.fusion(pix, text, valid)                                 # (B, K, mask_dim)
+        pix = self.visual(feats, cond)                                      # (B, pixel_dim, H, W)
+        emb = self.fusion(pix, text, valid)                                 # (B, K, pixel_dim)
         logits = torch.einsum("bkc,bchw->bkhw", emb, pix)                   # (B, K, H, W)
         if size is not None and tuple(size) != tuple(logits.shape[-2:]):
             # bilinear upsampling is linear, so upsampling the logits equals the dot product
