@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ def ray_logs_to(path: str):
     loggers (ray, ray.data, ray.train, ...) and, as Ray's C++ core writes to the process's
     stderr directly, file descriptor 2 itself. Python's own console handlers (this program's
     messages) and the progress lines keep the real stderr, which the context yields. Ray Data
-    draws no progress bars meanwhile. The file is appended to (its folder made if missing); for
+    draws no progress bars meanwhile. An exception leaving the context is written to the log
+    with its full traceback. The file is appended to (its folder made if missing); for
     a URI `path` the log is kept in a local temporary file and uploaded when the context
     closes."""
     from ray.data import DataContext
@@ -52,6 +54,10 @@ def ray_logs_to(path: str):
     os.dup2(handler.stream.fileno(), 2)
     try:
         yield console
+    except Exception:  # the whole story for the log; the console gets one line from the caller
+        handler.stream.write(traceback.format_exc())
+        handler.flush()
+        raise
     finally:
         os.dup2(real_fd, 2)
         os.close(real_fd)
@@ -77,13 +83,14 @@ def _fd(stream) -> int | None:
 
 
 class StageCounter:
-    """A tiny Ray actor the pool stages tell how many rows they finished, and when an actor
-    starts and ends its warm-up (model load and compile)."""
+    """A tiny Ray actor the pool stages tell how many rows they finished, when an actor starts
+    and ends its warm-up (model load and compile), and which unit failed for good."""
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
         self.warming_up: dict[str, int] = {}  # stage -> actors still warming up
         self.warm_up_s: dict[str, list[float]] = {}  # stage -> each ready actor's warm-up
+        self.failures: list[tuple[str, list[int], str]] = []  # (stage, sample indices, error)
 
     def add(self, stage: str, n: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + n
@@ -94,6 +101,12 @@ class StageCounter:
     def warmed(self, stage: str, seconds: float) -> None:
         self.warming_up[stage] -= 1
         self.warm_up_s.setdefault(stage, []).append(seconds)
+
+    def fail(self, stage: str, indices: list[int], error: str) -> None:
+        self.failures.append((stage, indices, error))
+
+    def failed(self) -> list[tuple[str, list[int], str]]:
+        return list(self.failures)
 
     def counts(self) -> dict[str, int]:
         return dict(self.rows)

@@ -10,6 +10,7 @@ run leaves no GPU idle for long.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from actors.names import DEFAULT_MODEL, TINY
-from factory.errors import FactoryError
+from factory.errors import FactoryError, RunFailure
 from factory.pools import IMAGES_PER_S, PLACEMENT_TIMEOUT, STAGE_CPUS, parse_pool_size
 from factory.prompts import SamplePlan
 from factory.store import ShardStore
@@ -388,9 +389,9 @@ def _run(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labeller)
     try:
         with lock:
             return _finish(o, plan, store, labeller, new, start)
-    except FactoryError:
-        if new:
-            store.discard()
+    except FactoryError as e:
+        if new and not isinstance(e, RunFailure) and not store.done():
+            store.discard()  # refused before any work: leave nothing behind
         raise
 
 
@@ -416,13 +417,39 @@ def _finish(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labell
                  skipped, store.num_shards, len(todo))
     if not todo:
         return RunResult(0, 0, skipped, 0.0, o.out)
-    with ray_logs_to(store.log_path) as console:
-        connect_ray(o.address)
-        w, pools, warm_up_s = _pipeline(o, plan, store, todo, labeller, console)
+    try:
+        with ray_logs_to(store.log_path) as console:
+            connect_ray(o.address)
+            w, pools, warm_up_s = _pipeline(o, plan, store, todo, labeller, console)
+    except Exception as e:
+        failure = run_failure(e, store.log_path)
+        if failure is None:
+            raise
+        raise failure from None
     return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
                      w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
                      pools={p.kind: (p.min_size, p.max_size) for p in pools.values()},
                      warm_up_s=warm_up_s, actor_spans=w.busy)
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def run_failure(e: BaseException, log_path: str) -> RunFailure | None:
+    """The one line for a run whose output cannot be written (a full disk, no permission: its
+    full traceback is in the log), or None."""
+    seen, todo = set(), [e]
+    while todo:  # Ray wraps a worker's exception: follow every link
+        cause = todo.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in WRITE_ERRORS:
+            where = f" {cause.filename}" if cause.filename else ""
+            return RunFailure(f"cannot write the output{where}: {os.strerror(cause.errno)}; "
+                              f"the full traceback is in {log_path}")
+        todo += [cause.__cause__, cause.__context__, getattr(cause, "cause", None)]
+    return None
 
 
 DRIFT_PACKAGES = ("torch", "diffusers", "transformers")
@@ -470,7 +497,13 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from factory.console import Progress, StageCounter
-    from factory.pools import ClusterView, probe_output, size_pools, wait_for_placement
+    from factory.pools import (
+        ClusterView,
+        StageFailure,
+        probe_output,
+        size_pools,
+        wait_for_placement,
+    )
     from factory.units import work_units
     from factory.writer import write_shards
 
@@ -505,7 +538,14 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
             progress.show({**counts, "written": w.written + w.dropped}, warming, warm_up_s)
 
     ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
-    w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
+    try:
+        w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
+    except Exception as e:
+        failed = ray.get(counter.failed.remote())
+        if not failed:
+            raise
+        raise RunFailure(f"{StageFailure(*failed[0])}; its full traceback is in "
+                         f"{store.log_path}") from e
     show(w, force=True)
     warm_up_s = ray.get(counter.warm_ups.remote())[1]
     ray.kill(counter)

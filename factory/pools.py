@@ -27,6 +27,7 @@ STAGE_RESOURCES = {"generator": "gen", "labeller": "label"}  # custom resource o
 STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
 # must fit two actor pools plus the spec, row and write tasks without deadlocking.
 PLACEMENT_TIMEOUT = {"cluster": 600.0, "local": 10.0}  # seconds a pool may wait to be placed
+STAGE_ATTEMPTS = 2  # tries of a work unit in a stage before the run stops
 LABEL_SHARE = 0.2  # GPU share of a labeller on a node that also runs generators; they get the rest
 # Measured stage speeds (images/s), whose ratios size `auto` labeller pools.
 IMAGES_PER_S = {
@@ -318,8 +319,7 @@ class PoolStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
         n = len(next(iter(batch.values())))
-        parts = [self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
-                 for i in range(0, n, self.batch_size)]
+        parts = self._retried(batch, n)
         out = {k: concat([p[k] for p in parts]) for k in parts[0]}
         end = time.time()
         tags = {"node": self.node, "actor": self.actor, "busy": (end - start) / n,
@@ -330,6 +330,45 @@ class PoolStage:
         if self.progress is not None:
             self.progress.add.remote(self.name, n)
         return out
+
+
+    def _retried(self, batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
+        """The unit's batches through the stage; a unit that raises is tried once more (a
+        transient fault: CUDA out of memory, a preempted read), then fails as a StageFailure
+        naming its samples."""
+        for attempt in range(STAGE_ATTEMPTS):
+            try:
+                return [self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                        for i in range(0, n, self.batch_size)]
+            except Exception as e:  # noqa: BLE001 - any stage error: retried, then reported
+                if attempt + 1 < STAGE_ATTEMPTS:
+                    log.warning("%s failed on a unit (%s: %s); trying it again", self.name,
+                                type(e).__name__, e)
+                    continue
+                failure = StageFailure(self.name, [int(i) for i in batch.get("index", [])],
+                                       f"{type(e).__name__}: {e}")
+                if self.progress is not None:  # exceptions lose their causes on the way to
+                    import ray  # the driver: it reads what failed from the counter
+
+                    ray.get(self.progress.fail.remote(failure.stage, failure.indices,
+                                                      failure.error))
+                raise failure from e
+        raise AssertionError("unreachable")
+
+
+class StageFailure(Exception):
+    """A pool stage that failed on a unit after its retries: the stage, the unit's sample
+    indices and the error (the traceback travels as the cause)."""
+
+    def __init__(self, stage: str, indices: list[int], error: str) -> None:
+        super().__init__(stage, indices, error)
+        self.stage, self.indices, self.error = stage, indices, error
+
+    def __str__(self) -> str:
+        first = self.error.strip().splitlines()[0] if self.error.strip() else "?"
+        where = (f"samples {self.indices[0]}-{self.indices[-1]}" if len(self.indices) > 1
+                 else f"sample {self.indices[0]}" if self.indices else "a unit")
+        return f"the {self.stage} stage failed on {where} ({first})"
 
 
 def concat(parts: list[np.ndarray]) -> np.ndarray:

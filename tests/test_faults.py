@@ -134,3 +134,52 @@ def test_verify_checks_every_checksum_and_lists_the_bad_shards(reference, tmp_pa
     assert lines[1].startswith("1 bad shard(s)")
     code, _, err = run_cli(main, ["verify", str(tmp_path)])
     assert code == 2 and "not a factory output folder" in err
+
+
+def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_traceback(
+        ray_local, tmp_path):
+    from actors.maskrcnn_labeller import MaskRCNNLabeller
+    from factory.pipeline import Labeller, _run, prepare
+    from factory.schema import to_triplets
+
+    class BrokenLabeller(MaskRCNNLabeller):  # defined here: Ray ships it to the actors by value
+        def __call__(self, batch):
+            if 5 in batch["index"]:
+                raise RuntimeError("CUDA out of memory (injected)")
+            return super().__call__(batch)
+
+    options = GenerateOptions(out=str(tmp_path / "out"), split="pascal", n=8, shard_size=2,
+                              seed=4, model="tiny", steps=5, batch_size=2, label_batch_size=2)
+    plan, store = prepare(options)
+    labeller = Labeller(BrokenLabeller, dict(vocab="pascal", detector="tiny"), to_triplets,
+                        dict(detector="tiny"), images_per_s=1.0)
+    with pytest.raises(FactoryError) as failed:
+        _run(options, plan, store, labeller)
+    message = str(failed.value)
+    assert message.startswith("the labeller stage failed on samples 4-5 (RuntimeError: CUDA out "
+                              "of memory (injected)); its full traceback is in ")
+    assert "\n" not in message
+    with open(store.log_path) as f:
+        log = f.read()
+    assert "Traceback" in log and "CUDA out of memory (injected)" in log
+    assert 2 not in ShardStore.open(store.root).done()  # the failed unit's shard is not written
+
+
+@pytest.mark.parametrize("code, text", [(28, "No space left on device"),
+                                        (13, "Permission denied")])
+def test_a_full_disk_or_a_permission_error_mid_run_is_one_line(code, text):
+    from factory.pipeline import run_failure
+
+    class WorkerError(Exception):  # as Ray hands a worker's exception on: the original as .cause
+        def __init__(self, cause):
+            super().__init__("ray::write_shard() failed")
+            self.cause = cause
+
+    disk = OSError(code, os.strerror(code), "/data/out/data/.shard-00001.parquet.tmp-1")
+    try:
+        raise RuntimeError("the pipeline stopped") from WorkerError(disk)
+    except RuntimeError as e:
+        failure = run_failure(e, "/data/out/factory.log")
+    assert str(failure) == (f"cannot write the output /data/out/data/.shard-00001.parquet.tmp-1: "
+                            f"{text}; the full traceback is in /data/out/factory.log")
+    assert run_failure(RuntimeError("a bug"), "log") is None  # not a write error: a traceback
