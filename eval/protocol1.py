@@ -128,6 +128,11 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
         raise FactoryError(f"batch size must be > 0, got {batch_size}")
     if not 0 <= min_area < 1:
         raise FactoryError(f"min area must lie in [0, 1), got {min_area}")
+    try:
+        pool_sizes = {"labeller": parse_pool_size(head_actors, "head actors"),
+                      "generator": parse_pool_size(daam_actors, "DAAM actors")}
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
     meta = store.read(columns=["index", "areas", "height", "width"])
     if meta.num_rows == 0:
         raise FactoryError(f"{data!r} is empty")
@@ -143,11 +148,6 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     methods = ([HEAD] if info is not None else []) + ([BASELINES[baseline]] if baseline else [])
     table = ProtocolTable(methods, store.manifest["seen"], store.manifest["unseen"])
     start = time.perf_counter()
-    try:
-        pool_sizes = {"labeller": parse_pool_size(head_actors, "head actors"),
-                      "generator": parse_pool_size(daam_actors, "DAAM actors")}
-    except ValueError as e:
-        raise FactoryError(str(e)) from None
     if ray_log is None:
         ray_log = tempfile.mkstemp(prefix="protocol1-", suffix=".log")[1]
     log.info("Ray's log: %s", ray_log)

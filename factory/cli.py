@@ -96,6 +96,13 @@ POOL_OPTIONS = [
 ]
 
 
+def output_file(path: str, option: str) -> str:
+    """An output file argument, refused in one line if it names a folder."""
+    if os.path.isdir(path):
+        raise FactoryError(f"{option} {path!r} is a folder: give the name of a file to write")
+    return path
+
+
 def echo_result(r) -> None:
     if r.written == 0 and r.dropped == 0:
         click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
@@ -201,6 +208,8 @@ def stats(folder: str, plot: str | None) -> None:
     done in an output FOLDER."""
     from factory.stats import dataset_stats, format_stats, plot_stats
 
+    if plot:
+        output_file(plot, "--plot")
     try:
         s = dataset_stats(folder)
         click.echo(format_stats(s))
@@ -259,6 +268,7 @@ def show(folder: str, out: str, n: int, classes: str | None, tile: int) -> None:
     class names and the prompt."""
     from factory.show import contact_sheet
 
+    output_file(out, "--out")
     try:
         tiles = contact_sheet(folder, out, n=n, tile=tile,
                               classes=[c.strip() for c in classes.split(",")] if classes
@@ -284,6 +294,9 @@ def pairs(coco_json, voc_root, voc_image_set, split, min_count, out) -> None:
 
     if (coco_json is None) == (voc_root is None):
         raise FactoryError("give exactly one of --coco FILE and --voc DIR")
+    if min_count < 1:
+        raise FactoryError(f"min count must be >= 1, got {min_count}")
+    output_file(out, "--out")
     split = split or ("coco" if coco_json else "pascal")
     if split not in VOCABULARIES:
         raise FactoryError(f"unknown split {split!r}: choose one of {', '.join(VOCABULARIES)}")

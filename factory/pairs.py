@@ -67,9 +67,13 @@ def write_pairs(path: str, counts: collections.Counter, vocab: Vocabulary, sourc
         "images": [n for _, n in kept],
     }
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return len(kept)
 
 

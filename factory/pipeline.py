@@ -301,7 +301,7 @@ def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.
     import ray
 
     from actors.sd_generator import SDGenerator
-    from factory.pools import PoolStage
+    from factory.pools import GeneratorStage, LabellerStage
     from factory.units import work_unit_source
     from factory.writer import tagged_rows
 
@@ -312,14 +312,14 @@ def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.
         ray.data.read_datasource(work_unit_source(plan, spans, unit), num_cpus=STAGE_CPUS,
                                  override_num_blocks=units)
         .map_batches(
-            PoolStage, batch_size=unit, **gen.ray_args(), fn_constructor_kwargs=dict(
+            GeneratorStage, batch_size=unit, **gen.ray_args(), fn_constructor_kwargs=dict(
                 stage=SDGenerator, batch_size=o.batch_size, name="generator", progress=counter,
                 kwargs=dict(model=run["model"], steps=o.steps, guidance=o.guidance,
                             feature_step=run["feature_step"], precision=o.precision,
                             compile=o.compile, compile_cache=o.compile_cache,
                             batch_size=o.batch_size, fp8=o.fp8)))
         .map_batches(
-            PoolStage, batch_size=unit, **lab.ray_args(), fn_constructor_kwargs=dict(
+            LabellerStage, batch_size=unit, **lab.ray_args(), fn_constructor_kwargs=dict(
                 stage=labeller.cls, kwargs=labeller.kwargs, batch_size=o.label_batch_size,
                 name="labeller", progress=counter))
         .map_batches(tagged_rows, fn_kwargs=dict(

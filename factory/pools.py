@@ -356,6 +356,15 @@ class PoolStage:
         raise AssertionError("unreachable")
 
 
+class GeneratorStage(PoolStage):
+    """The generator pool's PoolStage: a class of its own, so that Ray names its actors
+    (`MapWorker(MapBatches(GeneratorStage))`) apart from the labellers' in logs and `ps`."""
+
+
+class LabellerStage(PoolStage):
+    """The labeller pool's PoolStage (see GeneratorStage)."""
+
+
 class StageFailure(Exception):
     """A pool stage that failed on a unit after its retries: the stage, the unit's sample
     indices and the error (the traceback travels as the cause)."""

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -183,3 +184,44 @@ def test_a_full_disk_or_a_permission_error_mid_run_is_one_line(code, text):
     assert str(failure) == (f"cannot write the output /data/out/data/.shard-00001.parquet.tmp-1: "
                             f"{text}; the full traceback is in /data/out/factory.log")
     assert run_failure(RuntimeError("a bug"), "log") is None  # not a write error: a traceback
+
+
+def stage_pids(stage: bytes) -> list[int]:
+    """The processes of this machine whose title names a pool stage's actors (Ray names them
+    `ray::MapWorker(MapBatches(GeneratorStage))`, ...)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if entry.isdigit() and stage in f.read():
+                    pids.append(int(entry))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+def test_a_killed_generator_actor_leaves_every_index_exactly_once(ray_local, tmp_path):
+    """SIGKILL of the generator actor once the first shard is written, while the others are
+    still to make (200 steps a batch keeps it busy): Ray Data replaces the actor and retries its
+    unit, and the shards hold every index once."""
+    options = GenerateOptions(out=str(tmp_path / "out"), split="pascal", n=8, shard_size=2,
+                              seed=4, model="tiny", steps=200, batch_size=2, label_batch_size=2)
+    result = {}
+    run = threading.Thread(target=lambda: result.update(run=generate(options)))
+    run.start()
+    deadline = time.time() + 300
+    while not (os.path.isdir(os.path.join(options.out, "data"))
+               and ShardStore.open(options.out).done()):
+        assert run.is_alive() and time.time() < deadline
+        time.sleep(0.05)
+    generators = stage_pids(b"MapBatches(GeneratorStage)")
+    assert len(generators) == 1  # the local Ray has one gen slot
+    os.kill(generators[0], signal.SIGKILL)
+    assert len(ShardStore.open(options.out).done()) < 4  # killed with work left
+    while set(stage_pids(b"MapBatches(GeneratorStage)")) <= set(generators):
+        assert run.is_alive() and time.time() < deadline  # the rest needs a new actor
+        time.sleep(0.05)
+    run.join(timeout=300)
+    assert result["run"].written == 8
+    indices = ShardStore.open(options.out).read(["index"]).column("index").to_pylist()
+    assert sorted(indices) == list(range(8))

@@ -141,6 +141,8 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     if head not in HEAD_CONFIGS:
         raise FactoryError(f"unknown head {head!r}: one of {', '.join(HEAD_CONFIGS)}")
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FactoryError(f"--out {out!r} is a file: give a folder for the run")
     previous = latest_checkpoint(out) if os.path.isdir(out) else None
     if resume and previous is None:
         raise FactoryError(f"nothing to resume: {out!r} holds no grounding-head checkpoint")

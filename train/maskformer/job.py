@@ -183,6 +183,8 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
     except (ValueError, OSError) as e:
         raise FactoryError(str(e)) from None
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FactoryError(f"--out {out!r} is a file: give a folder for the run")
     previous = latest_checkpoint(out) if os.path.isdir(out) else None
     if resume and previous is None:
         raise FactoryError(f"nothing to resume: {out!r} holds no MaskFormer checkpoint")
