@@ -31,6 +31,20 @@ def worker_dataset(rank: int) -> str:
     return f"train_{rank}"
 
 
+def worker_batches(cfg: dict, step: int):
+    """This worker's batches of its dataset (see `fit`) from the job's step `step` on. A worker
+    (re)started by Ray Train reads its dataset from the job's first step, `cfg["start_step"]`,
+    so the batches its checkpoint already trained on are skipped."""
+    import itertools
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    batches = ray.train.get_dataset_shard(worker_dataset(rank)).iter_batches(
+        batch_size=cfg["batch_size"], batch_format="numpy", drop_last=True)
+    return itertools.islice(batches, step - cfg["start_step"], None)
+
+
 def fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, name: str,
         use_gpu: bool, cpus_per_worker: float):
     """Run `loop` on Ray Train, one worker per dataset of `per_worker`: worker r reads its own,

@@ -59,19 +59,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(head)
     rank = ray.train.get_context().get_world_rank()
     per_step = cfg["batch_size"] * ray.train.get_context().get_world_size()
-    # the dataset starts at the job's first step; after an automatic restart, skip what the
-    # checkpoint already trained on
-    skip = step - cfg["start_step"]
-    shard = ray.train.get_dataset_shard(jobs.worker_dataset(rank))
     window: list[dict] = []
     # what this job really trained on, for its reports: where it started, and the first
     # stream item this worker saw
     started_at, first_item = step, None
-    for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy",
-                                    drop_last=True):
-        if skip > 0:
-            skip -= 1
-            continue
+    for batch in jobs.worker_batches(cfg, step):
         window.append(train_step(model, opt, sd.inputs(batch), skip_empty=cfg["skip_empty"]))
         low = int(batch["position"].min())
         first_item = low if first_item is None else min(first_item, low)

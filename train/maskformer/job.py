@@ -114,21 +114,13 @@ def train_loop_per_worker(cfg: dict) -> None:
     world = ray.train.get_context().get_world_size()
     rank = ray.train.get_context().get_world_rank()
     per_step = cfg["batch_size"] * world
-    # the dataset starts at the job's first step; after an automatic restart, skip what the
-    # checkpoint already trained on
-    skip = step - cfg["start_step"]
     ddp = ray.train.torch.prepare_model(model)
     processor = image_processor()
-    shard = ray.train.get_dataset_shard(jobs.worker_dataset(rank))
     losses: list[float] = []
     # what this job really trained on, for its reports: where it started, and the first
     # stream item this worker saw
     started_at, first_item = step, None
-    for batch in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="numpy",
-                                    drop_last=True):
-        if skip > 0:
-            skip -= 1
-            continue
+    for batch in jobs.worker_batches(cfg, step):
         loss = training_loss(ddp, processor, batch["image"], batch["label"])
         opt.zero_grad()
         loss.backward()
