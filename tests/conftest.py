@@ -80,9 +80,10 @@ def known_masks(x_t: np.ndarray, channels: list[int]) -> np.ndarray:
 
 
 def write_triplets(root: str, generator, classes: list[tuple[str, ...]], masks_of, *,
-                   subset: str, seen: list[str], unseen: list[str]) -> str:
+                   subset: str, seen: list[str], unseen: list[str], first_seed: int = 100) -> str:
     """A `factory generate`-style pascal fold-1 folder of tiny triplets, one per entry of
-    `classes` (noise seeds 100, 101, ...), with the masks `masks_of(i, x_t, classes)` gives."""
+    `classes` (noise seeds first_seed, first_seed + 1, ...), with the masks
+    `masks_of(i, x_t, classes)` gives."""
     from actors.batch import object_column
     from factory.prompts import prompt_for
     from factory.schema import encode_masks, to_triplets
@@ -91,7 +92,7 @@ def write_triplets(root: str, generator, classes: list[tuple[str, ...]], masks_o
 
     n = len(classes)
     out = generator({"prompt": np.array([prompt_for(c) for c in classes], dtype=object),
-                     "noise_seed": np.arange(n) + 100})
+                     "noise_seed": np.arange(n) + first_seed})
     masks = [masks_of(i, x, c) for i, (x, c) in enumerate(zip(out["x_t"], classes, strict=True))]
     vocab = VOCABULARIES["pascal"]
     out.update(index=np.arange(n), classes=object_column([list(c) for c in classes]),

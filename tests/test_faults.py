@@ -3,6 +3,7 @@ test fails if the protection it covers is removed. A Ray Train worker killed mid
 tests/test_grounding_job.py."""
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -157,6 +158,13 @@ def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_trace
     with pytest.raises(FactoryError) as failed:
         _run(options, plan, store, labeller)
     message = str(failed.value)
+    del failed  # its traceback holds the stopped pipeline, whose actors hold the stage slots
+    gc.collect()
+    deadline = time.time() + 120
+    while ray_local.available_resources().get("gen", 0) < 1 or ray_local.available_resources(
+            ).get("label", 0) < 1:  # the next tests need both slots again
+        assert time.time() < deadline
+        time.sleep(0.2)
     assert message.startswith("the labeller stage failed on samples 4-5 (RuntimeError: CUDA out "
                               "of memory (injected)); its full traceback is in ")
     assert "\n" not in message

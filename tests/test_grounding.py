@@ -1,9 +1,11 @@
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_triplets
 
 from actors.frozen_sd import FrozenSD
 from factory.store import ShardStore
@@ -145,18 +147,109 @@ def batches_of(root):
     return training_batch(cols, seen=ShardStore.open(root).manifest["seen"])
 
 
-def test_head_learns_known_masks_on_cpu(known_mask_data):
-    """Parquet triplets -> training batches -> recomputed features -> head: IoU on the training
-    samples from < 0.2 to > 0.8 in 200 steps. (It memorises them: on held-out known-mask samples
-    the IoU stays below 0.2, see the closing note of issue 14.)"""
-    batch = batches_of(known_mask_data)
+# The learning test's toy task. Mask k of a sample covers the pixels where channel k of the
+# UNet's first layer (`conv_in`, the first map of the finest feature group) applied to the stored
+# latent x_t, upsampled bilinearly to the image, exceeds one fixed threshold per channel (its
+# 80th percentile over the first 64 training samples: ~20% of the pixels). It is a known
+# function of the latent that the head sees only through the recomputed features, and it picks
+# the channel by the class name, so only a working data path, feature extractor, class embedding,
+# head and loss learn it; and unlike the top-20% cells of x_t itself it generalises:
+# - x_t (std ~5.5, spatially white) is not linear in the features (a ridge regression from 5x5
+#   neighbourhoods of the finest group recovers it with R^2 ~0.93, the head far worse), while
+#   conv_in(x_t) is, exactly;
+# - 8x8-pixel cells disagree with the head's bilinearly upsampled 8x8 logits (an isolated cell
+#   predicted as +1 among -1 gets IoU 0.62); the upsampled map's level set is exactly what a
+#   linear read-out of the features gives;
+# - a per-sample quantile needs a global statistic of the sample; a fixed threshold is local.
+# Measured (train / held-out IoU after training): top-20% cells of x_t, 512 samples, 1000 steps:
+# 0.64 / 0.37; per-sample top 20% of upsampled conv_in, 1024 samples, 500 steps: 0.87 / 0.84;
+# this task, 256 samples, 300 steps: 0.94 / 0.90 (torch seeds 0-3: held-out 0.89-0.91); this
+# task with the features shuffled across samples: 0.15 / 0.05.
+TOY_CLASSES = ("bird", "bus", "diningtable", "motorbike")  # pascal fold 1 seen; the tiny text
+# encoder's embeddings of these are the least alike of its seen classes (cosine <= 0.96; 0.97 to
+# 0.99 for KNOWN_CLASSES), so the head tells them apart in fewer steps
+TOY_TRAIN, TOY_HELD_OUT, TOY_QUANTILE = 256, 64, 0.8
+TOY_SEED = 100  # the training samples' first noise seed; the held-out ones start at 100x
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine they spin:
+    the learning test took 160 s there with torch's default 2 threads, 14 s with 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def first_layer_maps(sd: FrozenSD, x_t: np.ndarray) -> torch.Tensor:
+    """(B, 4, h, w) latents -> the UNet's conv_in output upsampled to the image, (B, C, 8h, 8w)."""
+    with torch.no_grad():
+        maps = sd.pipe.unet.conv_in(torch.from_numpy(np.asarray(x_t, dtype=np.float32)))
+    return F.interpolate(maps, scale_factor=8, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory, tiny_generator):
+    """Training and held-out (other noise seeds, other class draws) triplet folders of the toy
+    task above, and the FrozenSD whose conv_in defines it."""
+    with one_torch_thread():
+        return make_toy_data(tmp_path_factory, tiny_generator)
+
+
+def make_toy_data(tmp_path_factory, tiny_generator):
+    from factory.prompts import prompt_for
+
     sd = FrozenSD("tiny", "cpu")
-    inputs = sd.inputs(batch)  # the features are a deterministic function of the batch
+    root = tmp_path_factory.mktemp("toy")
+
+    def draw(n, seed):
+        rng = np.random.default_rng(seed)
+        return [tuple(rng.choice(TOY_CLASSES, size=1 + i % 2, replace=False)) for i in range(n)]
+
+    train, held_out = draw(TOY_TRAIN, 0), draw(TOY_HELD_OUT, 1)
+    ref = train[:64]
+    x_ref = tiny_generator({"prompt": np.array([prompt_for(c) for c in ref], dtype=object),
+                            "noise_seed": np.arange(len(ref)) + TOY_SEED})["x_t"]
+    maps = first_layer_maps(sd, x_ref)[:, :len(TOY_CLASSES)]
+    thresholds = torch.quantile(maps.transpose(0, 1).flatten(1), TOY_QUANTILE, dim=1)  # (K,)
+
+    def masks_of(i, x_t, classes):
+        maps = first_layer_maps(sd, x_t[None])[0]
+        ks = [TOY_CLASSES.index(c) for c in classes]
+        return (maps[ks] > thresholds[ks, None, None]).numpy()
+
+    def write(name, classes, first_seed):
+        return write_triplets(str(root / name), tiny_generator, classes, masks_of,
+                              subset="train", seen=list(TOY_CLASSES), unseen=[],
+                              first_seed=first_seed)
+
+    return sd, write("train", train, TOY_SEED), write("held-out", held_out, 100 * TOY_SEED)
+
+
+def test_head_learns_known_masks_on_cpu(toy_data):
+    """Parquet triplets -> training batches -> recomputed features -> head: IoU from < 0.2 to
+    > 0.8, on the training samples and on held-out ones (other noise seeds). Measured: train
+    0.122 -> 0.942, held-out 0.119 -> 0.902, in 15 s on a busy 2-core CPU. (The old task, the
+    top-20% cells of x_t, memorised its 16 samples: held-out IoU ~0.15, issue 14.)"""
+    with one_torch_thread():
+        before, after = learn_toy_task(*toy_data)
+    assert max(before) < 0.2 and min(after) > 0.8, (before, after)
+
+
+def learn_toy_task(sd, train_root, held_out_root):
+    """(train, held-out) IoUs before and after training a seeded tiny head on the toy task."""
+    train = sd.inputs(batches_of(train_root))  # features: a deterministic function of the batch
+    held_out = sd.inputs(batches_of(held_out_root))
     torch.manual_seed(0)
     head = build_grounding_head("tiny", **sd.head_overrides())
-    opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    steps, batch_size = 300, 32
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
-    def eval_iou():
+    def iou(inputs):
         feats, text, valid, masks = inputs
         head.eval()
         with torch.no_grad():
@@ -164,11 +257,14 @@ def test_head_learns_known_masks_on_cpu(known_mask_data):
         head.train()
         return mask_iou(logits, masks, trained_pairs(masks, valid))
 
-    before = eval_iou()
-    for _ in range(200):
-        train_step(head, opt, inputs)
-    after = eval_iou()
-    assert before < 0.2 and after > 0.8, (before, after)
+    before = iou(train), iou(held_out)
+    feats, text, valid, masks = train
+    order = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        i = torch.randperm(len(masks), generator=order)[:batch_size]
+        train_step(head, opt, ([f[i] for f in feats], text[i], valid[i], masks[i]))
+        schedule.step()
+    return before, (iou(train), iou(held_out))
 
 
 def test_loading_a_folder_without_a_head_checkpoint(tmp_path):
