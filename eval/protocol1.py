@@ -128,6 +128,11 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
         raise FactoryError(f"batch size must be > 0, got {batch_size}")
     if not 0 <= min_area < 1:
         raise FactoryError(f"min area must lie in [0, 1), got {min_area}")
+    # the actors check these too, but only once Ray has started
+    if not 0 < threshold < 1:
+        raise FactoryError(f"threshold must lie in (0, 1), got {threshold}")
+    if not 0 <= daam_threshold <= 1:
+        raise FactoryError(f"DAAM threshold must lie in [0, 1], got {daam_threshold}")
     try:
         pool_sizes = {"labeller": parse_pool_size(head_actors, "head actors"),
                       "generator": parse_pool_size(daam_actors, "DAAM actors")}

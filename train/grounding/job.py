@@ -112,6 +112,7 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
           report_every: int = 100, skip_empty: bool = True, resume: bool = False,
           allow_partial: bool = False, seed: int = 0, address: str | None = None):
     """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
+    from actors.names import check_model_name
     from train.grounding.checkpoint import latest_checkpoint, read_info
     from train.grounding.data import check_training_data, load_batch, shard_groups
     from train.grounding.model import HEAD_CONFIGS
@@ -119,9 +120,12 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     from train.stream import stream, worker_items
 
     for name, value in (("steps", steps), ("batch size", batch_size),
-                        ("workers", num_workers), ("report every", report_every)):
+                        ("workers", num_workers), ("report every", report_every), ("lr", lr),
+                        ("CPUs per worker", cpus_per_worker)):
         if value <= 0:
             raise FactoryError(f"{name} must be > 0, got {value}")
+    if weight_decay < 0:
+        raise FactoryError(f"weight decay must be >= 0, got {weight_decay}")
     try:
         store = check_training_data(data, allow_partial)
     except ValueError as e:
@@ -129,6 +133,10 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     shards, rows = shard_groups(store)
     run = store.manifest["run"]
     model = model or run["model"]
+    try:
+        check_model_name(model)
+    except ValueError as e:  # ModelNotFoundError, ModelStructureError
+        raise FactoryError(str(e)) from None
     head = head or head_for(model)
     if head not in HEAD_CONFIGS:
         raise FactoryError(f"unknown head {head!r}: one of {', '.join(HEAD_CONFIGS)}")
