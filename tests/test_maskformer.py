@@ -264,3 +264,13 @@ def test_ray_train_job_learns_checkpoints_reloads_and_resumes(ray_local, toy_lab
     last = resumed.iloc[-1]
     assert (last["step"], last["position"], last["job_started_at_step"]) == (12, 96, 8)
     assert last["job_first_item"] == 64
+
+
+def test_an_unfinished_label_run_is_refused_unless_partial_data_is_allowed(tmp_path):
+    labels = write_label_set(str(tmp_path / "labels"), 16)
+    store = ShardStore.open(labels)
+    os.remove(store.shard_path(1))  # as if `factory label` were still running
+    with pytest.raises(ValueError, match=r"unfinished run \(1 of 2 shards done\).*--allow-part"):
+        open_sources([labels])
+    sources, _, _ = open_sources([labels], allow_partial=True)
+    assert [len(rows) for _, rows in sources[0].groups] == [8]

@@ -69,9 +69,11 @@ class Source:
     lut: tuple[int, ...]
 
 
-def open_source(path: str, fold_of_voc: str | None = None) -> Source:
+def open_source(path: str, fold_of_voc: str | None = None, allow_partial: bool = False
+                ) -> Source:
     """A --data folder (ValueError says what is wrong). VOC folders need the fold whose
-    unseen classes to hide (`fold_of_voc`, from the label folders beside it)."""
+    unseen classes to hide (`fold_of_voc`, from the label folders beside it). A label folder
+    whose run is unfinished is refused unless `allow_partial` (then its finished shards)."""
     if os.path.isfile(os.path.join(path, "manifest.json")) or "://" in path:
         store = ShardStore.open(path)
         run = store.manifest["run"]
@@ -83,6 +85,10 @@ def open_source(path: str, fold_of_voc: str | None = None) -> Source:
         done = store.done()
         if not done:
             raise ValueError(f"{path!r} holds no finished shard yet")
+        if len(done) < store.num_shards and not allow_partial:
+            raise ValueError(f"{path!r} is an unfinished run ({len(done)} of "
+                             f"{store.num_shards} shards done): finish it by running its "
+                             "`factory label` command again, or pass --allow-partial")
         groups = tuple((store.shard_path(k), tuple(range(store.shards[k]["rows"])))
                        for k in done)
         lut = CLASS_LISTS[run["split"]].lut()
@@ -103,9 +109,10 @@ def open_source(path: str, fold_of_voc: str | None = None) -> Source:
                   tuple(CLASS_LISTS["pascal"].lut(unseen)))
 
 
-def open_sources(paths: list[str]) -> tuple[list[Source], SegmentationClasses, str | None]:
+def open_sources(paths: list[str], allow_partial: bool = False
+                 ) -> tuple[list[Source], SegmentationClasses, str | None]:
     """The --data folders, their one class list and fold (ValueError if they disagree)."""
-    labels = [open_source(p) for p in paths if not _is_voc(p)]
+    labels = [open_source(p, allow_partial=allow_partial) for p in paths if not _is_voc(p)]
     folds = {(s.split, s.fold) for s in labels}
     if len(folds) > 1:
         raise ValueError("--data folders of different splits or folds: "
@@ -113,7 +120,8 @@ def open_sources(paths: list[str]) -> tuple[list[Source], SegmentationClasses, s
     split, fold = next(iter(folds)) if folds else ("pascal", None)
     if any(_is_voc(p) for p in paths) and split != "pascal":
         raise ValueError("VOC folders join pascal label folders only")
-    sources = [open_source(p, fold) if _is_voc(p) else open_source(p) for p in paths]
+    sources = [open_source(p, fold) if _is_voc(p) else open_source(p, allow_partial=allow_partial)
+               for p in paths]
     return sources, CLASS_LISTS[split], fold
 
 

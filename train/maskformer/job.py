@@ -150,7 +150,7 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
           batch_size: int = 8, crop: int = 224, lr: float = 1e-4, weight_decay: float = 1e-4,
           backbone_weights: str | None = None, num_workers: int = 1, use_gpu: bool = False,
           cpus_per_worker: float = 1.0, report_every: int = 500, resume: bool = False,
-          seed: int = 0, address: str | None = None):
+          allow_partial: bool = False, seed: int = 0, address: str | None = None):
     """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
     from train.maskformer.data import load_batch, open_sources, stream
     from train.maskformer.model import SEGMENTATION_PRETRAINED, SPECS
@@ -171,7 +171,7 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
     if backbone_weights and not os.path.exists(backbone_weights):
         raise FactoryError(f"no backbone weights at {backbone_weights!r}")
     try:
-        sources, classes, fold = open_sources(data)
+        sources, classes, fold = open_sources(data, allow_partial)
     except (ValueError, OSError) as e:
         raise FactoryError(str(e)) from None
     out = os.path.abspath(out)
@@ -245,6 +245,8 @@ def train(data: list[str], out: str, *, variant: str = "paper", steps: int = 40_
 @click.option("--cpus-per-worker", type=float, default=1.0)
 @click.option("--report-every", type=int, default=500, help="Steps between checkpoints.")
 @click.option("--resume", is_flag=True, help="Continue from --out's latest checkpoint.")
+@click.option("--allow-partial", is_flag=True,
+              help="Train on the finished shards of unfinished `factory label` runs.")
 @click.option("--seed", type=int, default=0)
 @click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
 def cli(data: tuple[str, ...], **kwargs) -> None:
