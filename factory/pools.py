@@ -333,27 +333,29 @@ class PoolStage:
 
 
     def _retried(self, batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-        """The unit's batches through the stage; a unit that raises is tried once more (a
-        transient fault: CUDA out of memory, a preempted read), then fails as a StageFailure
-        naming its samples."""
-        for attempt in range(STAGE_ATTEMPTS):
+        """The unit's batches through the stage; a unit that raises is tried again (a transient
+        fault: CUDA out of memory, a preempted read) up to STAGE_ATTEMPTS times, then fails as a
+        StageFailure naming its samples."""
+        for attempt in range(1, STAGE_ATTEMPTS + 1):
             try:
                 return [self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
                         for i in range(0, n, self.batch_size)]
             except Exception as e:  # noqa: BLE001 - any stage error: retried, then reported
-                if attempt + 1 < STAGE_ATTEMPTS:
-                    log.warning("%s failed on a unit (%s: %s); trying it again", self.name,
-                                type(e).__name__, e)
-                    continue
-                failure = StageFailure(self.name, [int(i) for i in batch.get("index", [])],
-                                       f"{type(e).__name__}: {e}")
-                if self.progress is not None:  # exceptions lose their causes on the way to
-                    import ray  # the driver: it reads what failed from the counter
+                if attempt == STAGE_ATTEMPTS:
+                    raise self._failure(batch, e) from e
+                log.warning("%s failed on a unit (%s: %s); trying it again", self.name,
+                            type(e).__name__, e)
 
-                    ray.get(self.progress.fail.remote(failure.stage, failure.indices,
-                                                      failure.error))
-                raise failure from e
-        raise AssertionError("unreachable")
+    def _failure(self, batch: dict[str, np.ndarray], e: Exception) -> StageFailure:
+        """The unit's StageFailure, also told to the progress counter: exceptions lose their
+        causes on the way to the driver, which reads what failed from the counter."""
+        failure = StageFailure(self.name, [int(i) for i in batch.get("index", [])],
+                               f"{type(e).__name__}: {e}")
+        if self.progress is not None:
+            import ray
+
+            ray.get(self.progress.fail.remote(failure.stage, failure.indices, failure.error))
+        return failure
 
 
 class GeneratorStage(PoolStage):

@@ -325,6 +325,19 @@ class ShardStore:
         names = set(self._data_files())
         return [k for k in range(self.num_shards) if self.layout.shard_name(k) in names]
 
+    def finished(self, allow_partial: bool, command: str) -> list[int]:
+        """The finished shards, for a job that trains on them: ValueError if there is none, or
+        if the run is unfinished and not `allow_partial` (`command` is the one to run again)."""
+        done = self.done()
+        if not done:
+            raise ValueError(f"{self.root!r} holds no finished shard yet")
+        if len(done) < self.num_shards and not allow_partial:
+            raise ValueError(f"{self.root!r} is an unfinished run ({len(done)} of "
+                             f"{self.num_shards} shards done): finish it by running its "
+                             f"`{command}` command again, or pass --allow-partial to train on "
+                             "the finished shards")
+        return done
+
     def todo(self) -> list[int]:
         done = set(self.done())
         return [k for k in range(self.num_shards) if k not in done]

@@ -69,6 +69,26 @@ def spec_batch():
     return make
 
 
+def ray_worker_pids(title: bytes) -> list[int]:
+    """The processes of this session's local Ray (children of its raylet) whose title holds
+    `title`: Ray names them after what they run, e.g. `ray::RayTrainWorker` or
+    `ray::MapWorker(MapBatches(GeneratorStage))`."""
+    import ray._private.worker
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if parent == raylet and title in f.read():
+                    pids.append(int(entry))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
 KNOWN_CLASSES = ("aeroplane", "bicycle", "bird", "boat")  # seen in pascal fold 1
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from conftest import ray_worker_pids
 from simcluster import driver
 
 from factory.cli import main
@@ -194,20 +195,6 @@ def test_a_full_disk_or_a_permission_error_mid_run_is_one_line(code, text):
     assert run_failure(RuntimeError("a bug"), "log") is None  # not a write error: a traceback
 
 
-def stage_pids(stage: bytes) -> list[int]:
-    """The processes of this machine whose title names a pool stage's actors (Ray names them
-    `ray::MapWorker(MapBatches(GeneratorStage))`, ...)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if entry.isdigit() and stage in f.read():
-                    pids.append(int(entry))
-        except OSError:  # the process ended meanwhile
-            continue
-    return pids
-
-
 def test_a_killed_generator_actor_leaves_every_index_exactly_once(ray_local, tmp_path):
     """SIGKILL of the generator actor once the first shard is written, while the others are
     still to make (200 steps a batch keeps it busy): Ray Data replaces the actor and retries its
@@ -222,11 +209,11 @@ def test_a_killed_generator_actor_leaves_every_index_exactly_once(ray_local, tmp
                and ShardStore.open(options.out).done()):
         assert run.is_alive() and time.time() < deadline
         time.sleep(0.05)
-    generators = stage_pids(b"MapBatches(GeneratorStage)")
+    generators = ray_worker_pids(b"MapBatches(GeneratorStage)")
     assert len(generators) == 1  # the local Ray has one gen slot
     os.kill(generators[0], signal.SIGKILL)
     assert len(ShardStore.open(options.out).done()) < 4  # killed with work left
-    while set(stage_pids(b"MapBatches(GeneratorStage)")) <= set(generators):
+    while set(ray_worker_pids(b"MapBatches(GeneratorStage)")) <= set(generators):
         assert run.is_alive() and time.time() < deadline  # the rest needs a new actor
         time.sleep(0.05)
     run.join(timeout=300)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import ray_worker_pids
 
 from actors.frozen_sd import FrozenSD
 from factory.store import ShardStore
@@ -102,25 +103,6 @@ def test_job_refuses_more_workers_than_the_cluster_has(ray_local, known_mask_dat
     assert not (tmp_path / "o").exists()
 
 
-def ray_train_worker_pids() -> list[int]:
-    """The Ray Train worker processes of this session's local Ray (children of its raylet)."""
-    raylet = ray_node().all_processes["raylet"][0].process.pid
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read()
-        except OSError:  # the process ended meanwhile
-            continue
-        if parent == raylet and b"RayTrainWorker" in title:
-            pids.append(int(entry))
-    return pids
-
-
 def registered_checkpoint(run: str) -> bool:
     """Whether Ray Train's controller has registered a checkpoint of the run (one that a restart
     would start from), not merely written its folder."""
@@ -129,12 +111,6 @@ def registered_checkpoint(run: str) -> bool:
             return json.load(f).get("latest_checkpoint_result") is not None
     except (OSError, ValueError):  # not written yet, or being written
         return False
-
-
-def ray_node():
-    import ray._private.worker
-
-    return ray._private.worker._global_node
 
 
 @pytest.mark.slow
@@ -154,7 +130,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint_and_ends_like_an_undisturbe
     while not registered_checkpoint(os.path.join(out, RUN_NAME)):
         assert job.is_alive() and time.time() < deadline
         time.sleep(0.05)
-    workers = ray_train_worker_pids()
+    workers = ray_worker_pids(b"RayTrainWorker")
     assert len(workers) == 2
     for pid in workers:  # freeze both first: the run must not finish before the kill lands
         os.kill(pid, signal.SIGSTOP)

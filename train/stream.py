@@ -46,8 +46,3 @@ def worker_items(items: list[dict], batch_size: int, world: int) -> list[list[di
     per_step = batch_size * world
     return [[it for s in range(0, len(items) - per_step + 1, per_step)
              for it in items[s + r * batch_size:s + (r + 1) * batch_size]] for r in range(world)]
-
-
-def epoch_of(position: int, groups: Sequence[Sequence]) -> int:
-    """The epoch that stream position `position` falls in."""
-    return position // sum(map(len, groups))

@@ -30,13 +30,7 @@ def check_training_data(root: str, allow_partial: bool = False) -> ShardStore:
         raise ValueError(f"{root!r} holds {run.get('kind')!r}, not generate's triplets")
     if run["subset"] != "train":
         raise ValueError(f"{root!r} is a {run['subset']!r} set: train on --subset train data")
-    done = store.done()
-    if not done:
-        raise ValueError(f"{root!r} holds no finished shard yet")
-    if len(done) < store.num_shards and not allow_partial:
-        raise ValueError(f"{root!r} is an unfinished run ({len(done)} of {store.num_shards} "
-                         "shards done): finish it by running its `factory generate` command "
-                         "again, or pass --allow-partial to train on the finished shards")
+    store.finished(allow_partial, "factory generate")
     return store
 
 

@@ -82,13 +82,7 @@ def open_source(path: str, fold_of_voc: str | None = None, allow_partial: bool =
         if run["split"] not in CLASS_LISTS:
             raise ValueError(f"{path!r} is an open-vocabulary set ({run['split']!r}): "
                              "MaskFormer trains on the pascal or coco classes")
-        done = store.done()
-        if not done:
-            raise ValueError(f"{path!r} holds no finished shard yet")
-        if len(done) < store.num_shards and not allow_partial:
-            raise ValueError(f"{path!r} is an unfinished run ({len(done)} of "
-                             f"{store.num_shards} shards done): finish it by running its "
-                             "`factory label` command again, or pass --allow-partial")
+        done = store.finished(allow_partial, "factory label")
         groups = tuple((store.shard_path(k), tuple(range(store.shards[k]["rows"])))
                        for k in done)
         lut = CLASS_LISTS[run["split"]].lut()
