@@ -93,6 +93,10 @@ POOL_OPTIONS = [
     click.option("--allow-drift", is_flag=True,
                  help="Resume although the precision, SD weights or library versions now "
                       "resolve differently from the folder's first run (recorded)."),
+    click.option("--max-failed-samples", type=int, default=0,
+                 help="Samples the folder may lack because a stage kept failing on them (each "
+                      "is tried alone first); they are named, and listed in the manifest "
+                      "under `failed`. 0: the first such failure stops the run."),
 ]
 
 
@@ -104,10 +108,12 @@ def output_file(path: str, option: str) -> str:
 
 
 def echo_result(r) -> None:
-    if r.written == 0 and r.dropped == 0:
+    if r.written == 0 and r.dropped == 0 and r.failed == 0:
         click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
         return
     dropped = f", {r.dropped} dropped below --min-quality" if r.dropped else ""
+    if r.failed:
+        dropped += f", {r.failed} skipped after failing (manifest.json's `failed`)"
     busy = "".join(f"; {stage} actors busy {share:.0%}" for stage, share in (r.busy or {}).items()
                    if share is not None)
     click.echo(f"wrote {r.written} samples ({r.shards_written} shards{dropped}) in "

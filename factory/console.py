@@ -13,6 +13,8 @@ import time
 import traceback
 
 log = logging.getLogger(__name__)
+# for the run's log file only (what `ray_logs_to` writes to), such as a skipped sample's traceback
+RUN_LOG = logging.getLogger("factory.run_log")
 
 
 @contextlib.contextmanager
@@ -34,7 +36,7 @@ def ray_logs_to(path: str):
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     handler = logging.FileHandler(local, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger("ray")] + [
+    loggers = [logging.getLogger("ray"), RUN_LOG] + [
         logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
         if name.startswith("ray.") and logging.getLogger(name).handlers]
     saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
@@ -84,13 +86,15 @@ def _fd(stream) -> int | None:
 
 class StageCounter:
     """A tiny Ray actor the pool stages tell how many rows they finished, when an actor starts
-    and ends its warm-up (model load and compile), and which unit failed for good."""
+    and ends its warm-up (model load and compile), which unit failed for good, and which
+    samples were skipped after failing alone (`--max-failed-samples`)."""
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
         self.warming_up: dict[str, int] = {}  # stage -> actors still warming up
         self.warm_up_s: dict[str, list[float]] = {}  # stage -> each ready actor's warm-up
         self.failures: list[tuple[str, list[int], str]] = []  # (stage, sample indices, error)
+        self.skips: list[dict] = []  # {"stage", "index", "error", "traceback"}, in arrival order
 
     def add(self, stage: str, n: int) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + n
@@ -107,6 +111,13 @@ class StageCounter:
 
     def failed(self) -> list[tuple[str, list[int], str]]:
         return list(self.failures)
+
+    def skip(self, samples: list[dict]) -> None:
+        self.skips.extend(samples)
+
+    def skipped(self, since: int = 0) -> list[dict]:
+        """The skipped samples reported after the first `since`."""
+        return self.skips[since:]
 
     def counts(self) -> dict[str, int]:
         return dict(self.rows)

@@ -59,6 +59,7 @@ class RunOptions:
     address: str | None = None
     placement_timeout: float | None = None  # None: 600 s on a cluster, 10 s on a local Ray
     allow_drift: bool = False  # resume even where precision, weights or libraries now differ
+    max_failed_samples: int = 0  # samples the folder may lack because a stage kept failing
 
 
 @dataclass
@@ -102,6 +103,7 @@ class RunResult:
     seconds: float
     out: str
     dropped: int = 0  # samples left out by --min-quality in this call
+    failed: int = 0  # samples skipped in this call because a stage kept failing on them
     busy: dict[str, float | None] | None = None  # stage -> busy fraction of its actors' time
     pools: dict[str, tuple[int, int]] | None = None  # stage -> (min, max) actors
     warm_up_s: dict[str, list[float]] | None = None  # stage -> each actor's warm-up seconds
@@ -143,6 +145,8 @@ def _check_run(o: RunOptions, plan: SamplePlan, model: str) -> int:
             raise ValueError(f"{name} must be > 0, got {value}")
     parse_pool_size(o.generators, "generators")
     parse_pool_size(o.labellers, "labellers")
+    if o.max_failed_samples < 0:
+        raise ValueError(f"max failed samples must be >= 0, got {o.max_failed_samples}")
     if o.placement_timeout is not None and o.placement_timeout <= 0:
         raise ValueError(f"placement timeout must be > 0 seconds, got {o.placement_timeout}")
     if o.feature_step is not None and not 0 <= o.feature_step < o.steps:
@@ -295,9 +299,11 @@ def _pairs_id(path: str | None, pairs: tuple | None, plan: SamplePlan) -> str | 
 
 
 def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.ndarray,
-                  unit: int, labeller: Labeller, pools: dict, counter=None):
+                  unit: int, labeller: Labeller, pools: dict, counter=None,
+                  skip_failed: bool = False):
     """The run's Ray Data graph: work units (sample specs) -> generator pool -> labeller pool
-    -> rows (with the stages' tags for the writer)."""
+    -> rows (with the stages' tags for the writer). With `skip_failed` the stages leave out
+    the samples they keep failing on (see PoolStage)."""
     import ray
 
     from actors.sd_generator import SDGenerator
@@ -314,6 +320,7 @@ def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.
         .map_batches(
             GeneratorStage, batch_size=unit, **gen.ray_args(), fn_constructor_kwargs=dict(
                 stage=SDGenerator, batch_size=o.batch_size, name="generator", progress=counter,
+                skip_failed=skip_failed,
                 kwargs=dict(model=run["model"], steps=o.steps, guidance=o.guidance,
                             feature_step=run["feature_step"], precision=o.precision,
                             compile=o.compile, compile_cache=o.compile_cache,
@@ -321,7 +328,7 @@ def build_dataset(o: RunOptions, plan: SamplePlan, store: ShardStore, spans: np.
         .map_batches(
             LabellerStage, batch_size=unit, **lab.ray_args(), fn_constructor_kwargs=dict(
                 stage=labeller.cls, kwargs=labeller.kwargs, batch_size=o.label_batch_size,
-                name="labeller", progress=counter))
+                name="labeller", progress=counter, skip_failed=skip_failed))
         .map_batches(tagged_rows, fn_kwargs=dict(
             to_rows=labeller.to_rows, split=run["split"], fold=run["fold"],
             subset=run["subset"], run_seed=o.seed, sd_model=run["model"],
@@ -427,7 +434,7 @@ def _finish(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labell
             raise
         raise failure from None
     return RunResult(w.written, w.shards, skipped, time.perf_counter() - start, o.out,
-                     w.dropped, busy={s: w.busy_fraction(s) for s in w.busy},
+                     w.dropped, w.failed, busy={s: w.busy_fraction(s) for s in w.busy},
                      pools={p.kind: (p.min_size, p.max_size) for p in pools.values()},
                      warm_up_s=warm_up_s, actor_spans=w.busy)
 
@@ -450,6 +457,42 @@ def run_failure(e: BaseException, log_path: str) -> RunFailure | None:
                               f"the full traceback is in {log_path}")
         todo += [cause.__cause__, cause.__context__, getattr(cause, "cause", None)]
     return None
+
+
+class FailureBudget:
+    """`--max-failed-samples`: how many samples the folder may lack because a stage kept
+    failing on them, counting those its finished shards already lack (`already`). Each skipped
+    sample is named on the console, its traceback goes to the run's log, and one more than the
+    budget stops the run."""
+
+    def __init__(self, limit: int, already: int, log_path: str) -> None:
+        self.limit, self.already, self.log_path = limit, already, log_path
+        self.skipped: list[dict] = []
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.already - len(self.skipped)
+
+    def spend(self, samples: list[dict]) -> None:
+        from factory.console import RUN_LOG
+        from factory.pools import StageFailure
+
+        self.skipped += samples
+        for f in samples:
+            log.warning("skipped sample %d: the %s stage kept failing on it (%s)", f["index"],
+                        f["stage"], f["error"])
+            RUN_LOG.error("sample %d skipped; the %s stage's traceback:\n%s", f["index"],
+                          f["stage"], f["traceback"])
+        if self.left >= 0:
+            return
+        first = self.skipped[0]
+        earlier = f", with {self.already} skipped by earlier runs" if self.already else ""
+        more = len(self.skipped) - 1
+        raise RunFailure(
+            f"more than {self.limit} samples failed (--max-failed-samples {self.limit}{earlier})"
+            f": {StageFailure(first['stage'], [first['index']], first['error'])}"
+            + (f" and {more} more" if more else "")
+            + f"; their tracebacks are in {self.log_path}")
 
 
 DRIFT_PACKAGES = ("torch", "diffusers", "transformers")
@@ -535,11 +578,24 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
         if force or progress.due():
             counts, (warming, warm_up_s) = ray.get([counter.counts.remote(),
                                                     counter.warm_ups.remote()])
-            progress.show({**counts, "written": w.written + w.dropped}, warming, warm_up_s)
+            progress.show({**counts, "written": w.written + w.dropped + w.failed}, warming,
+                          warm_up_s)
 
-    ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter)
+    seen = []  # skipped samples reported by the counter so far
+
+    def skipped() -> list[dict]:
+        new = ray.get(counter.skipped.remote(len(seen)))
+        seen.extend(new)
+        return new
+
+    # samples skipped by earlier runs count, except those of shards deleted to be made again
+    already = sum(f["index"] // store.shard_size not in todo for f in store.failed)
+    budget = FailureBudget(o.max_failed_samples, already, store.log_path)
+    ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter,
+                       skip_failed=budget.left > 0)
     try:
-        w = write_shards(ds, store, todo, labeller.keep, on_progress=show)
+        w = write_shards(ds, store, todo, labeller.keep, on_progress=show, skipped=skipped,
+                         on_skipped=budget.spend)
     except Exception as e:
         failed = ray.get(counter.failed.remote())
         if not failed:

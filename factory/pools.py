@@ -297,10 +297,15 @@ class PoolStage:
     depend on how Ray grouped or retried it. Every row is tagged with the actor's node and its
     share of the call's busy time (columns `_<name>_node`, `_<name>_actor`, `_<name>_busy`,
     `_<name>_start`, `_<name>_end`), which the shard writer records and strips. A stage with a
-    `warm_up()` method (returning seconds) runs it before its first unit."""
+    `warm_up()` method (returning seconds) runs it before its first unit.
+
+    A unit that raises is tried again; if it fails again, the run stops (StageFailure), unless
+    `skip_failed`: then each of its samples is tried alone, and those that still raise are left
+    out of the output and told to the progress counter (`StageCounter.skip`), which the driver
+    reads to record them (`--max-failed-samples`)."""
 
     def __init__(self, stage: type, kwargs: dict, batch_size: int, name: str,
-                 progress=None) -> None:
+                 progress=None, skip_failed: bool = False) -> None:
         import ray
 
         if progress is not None:
@@ -311,6 +316,7 @@ class PoolStage:
         self.batch_size = batch_size
         self.name = name
         self.progress = progress
+        self.skip_failed = skip_failed
         if progress is not None:
             progress.warmed.remote(name, warm)
         ctx = ray.get_runtime_context()
@@ -319,32 +325,60 @@ class PoolStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
         n = len(next(iter(batch.values())))
-        parts = self._retried(batch, n)
-        out = {k: concat([p[k] for p in parts]) for k in parts[0]}
+        out = self._retried(batch, n)
         end = time.time()
-        tags = {"node": self.node, "actor": self.actor, "busy": (end - start) / n,
+        m = len(next(iter(out.values())))
+        tags = {"node": self.node, "actor": self.actor, "busy": (end - start) / max(m, 1),
                 "start": start, "end": end}
         for key, value in tags.items():
-            out[f"_{self.name}_{key}"] = np.full(n, value, dtype=object if isinstance(value, str)
+            out[f"_{self.name}_{key}"] = np.full(m, value, dtype=object if isinstance(value, str)
                                                  else np.float64)
         if self.progress is not None:
             self.progress.add.remote(self.name, n)
         return out
 
+    def _run(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The unit's batches through the stage, joined."""
+        return join([self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                     for i in range(0, n, self.batch_size)])
 
-    def _retried(self, batch: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-        """The unit's batches through the stage; a unit that raises is tried again (a transient
-        fault: CUDA out of memory, a preempted read) up to STAGE_ATTEMPTS times, then fails as a
-        StageFailure naming its samples."""
+    def _retried(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The unit through the stage; a unit that raises is tried again (a transient fault:
+        CUDA out of memory, a preempted read) up to STAGE_ATTEMPTS times, then fails as a
+        StageFailure naming its samples, or with `skip_failed` goes sample by sample."""
         for attempt in range(1, STAGE_ATTEMPTS + 1):
             try:
-                return [self.stage({k: v[i:i + self.batch_size] for k, v in batch.items()})
-                        for i in range(0, n, self.batch_size)]
+                return self._run(batch, n)
             except Exception as e:  # noqa: BLE001 - any stage error: retried, then reported
                 if attempt == STAGE_ATTEMPTS:
+                    if self.skip_failed:
+                        return self._alone(batch, n)
                     raise self._failure(batch, e) from e
                 log.warning("%s failed on a unit (%s: %s); trying it again", self.name,
                             type(e).__name__, e)
+
+    def _alone(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """Each sample of a unit that kept failing, alone: the outputs of those that pass,
+        joined; those that raise are left out and reported, with their tracebacks, to the
+        progress counter before the outputs go on, so the driver knows of them before it can
+        see the rest of their shard. A unit whose every sample fails gives no rows (an empty
+        `index` column: Ray Data drops such a block's other columns anyway)."""
+        import traceback
+
+        parts, skipped = [], []
+        for i in range(n):
+            one = {k: v[i:i + 1] for k, v in batch.items()}
+            try:
+                parts.append(self._run(one, 1))
+            except Exception as e:  # noqa: BLE001 - the sample is skipped, never silently
+                skipped.append({"stage": self.name, "index": int(one["index"][0]),
+                                "error": f"{type(e).__name__}: {e}",
+                                "traceback": traceback.format_exc()})
+        if skipped and self.progress is not None:
+            import ray
+
+            ray.get(self.progress.skip.remote(skipped))
+        return join(parts) if parts else {"index": batch["index"][:0]}
 
     def _failure(self, batch: dict[str, np.ndarray], e: Exception) -> StageFailure:
         """The unit's StageFailure, also told to the progress counter: exceptions lose their
@@ -380,6 +414,11 @@ class StageFailure(Exception):
         where = (f"samples {self.indices[0]}-{self.indices[-1]}" if len(self.indices) > 1
                  else f"sample {self.indices[0]}" if self.indices else "a unit")
         return f"the {self.stage} stage failed on {where} ({first})"
+
+
+def join(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A stage's outputs for consecutive batches -> one output."""
+    return {k: concat([out[k] for out in outputs]) for k in outputs[0]}
 
 
 def concat(parts: list[np.ndarray]) -> np.ndarray:

@@ -46,6 +46,7 @@ class Stats:
     per_class: dict[str, ClassStats] = field(default_factory=dict)
     kind: str = "triplets"  # the store's kind: triplets or segmentation
     dropped: int = 0  # samples left out of finished shards (segmentation: below min quality)
+    failed: int = 0  # samples left out because a stage kept failing on them
     quality_hist: list[int] | None = None  # segmentation: per-image quality
 
     @property
@@ -84,7 +85,7 @@ def dataset_stats(root: str) -> Stats:
     return Stats(run=m["run"], shards_done=len(store.done()), num_shards=store.num_shards,
                  samples=table.num_rows, pairs_source=m["pairs"]["source"], seen=m["seen"],
                  unseen=m["unseen"], kind=store.kind, per_class=per_class,
-                 dropped=len(store.dropped),
+                 dropped=len(store.dropped), failed=len(store.failed),
                  quality_hist=(histogram(table.column("quality").to_pylist()) if segmentation
                                else None))
 
@@ -110,6 +111,8 @@ def format_stats(s: Stats) -> str:
     r = s.run
     dropped = (f" ({s.dropped} dropped: quality below {r.get('min_quality')})" if s.dropped
                else "")
+    if s.failed:
+        dropped += f" ({s.failed} skipped after failing: manifest.json's `failed`)"
     lines = [
         _made_by(s),
         f"shards {s.shards_done}/{s.num_shards} done, samples {s.samples}/{r['n']}{dropped}; "

@@ -44,6 +44,8 @@ PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow
 LOG_FILE = "factory.log"  # Ray's own output during a run (factory/console.py)
 LOCK_FILE = "factory.lock"  # the writing run's host, pid and start time
 TEMP_PREFIX = ".shard-"  # hidden temporary shard files: `.shard-...parquet.tmp-XXXXXXXX`
+LEFT_OUT = ("dropped", "failed")  # what a shard record lists of the samples it lacks
+LEFT_OUT_KEY = b"factory.left_out"  # the same lists in a shard file's Parquet metadata
 
 
 class StoreError(ValueError):
@@ -225,19 +227,28 @@ class ShardLayout:
         """A path inside the output location, as `fs` names it."""
         return posixpath.join(self._location[1], *parts)
 
-    def write(self, k: int, table: pa.Table, dropped: list[int] = ()) -> dict:
-        """Write shard k atomically; its rows and the `dropped` indices must be exactly the
-        shard's sample indices. Returns the shard's record: rows, bytes, sha256, dropped."""
+    def write(self, k: int, table: pa.Table, dropped: list[int] = (),
+              failed: list[dict] = ()) -> dict:
+        """Write shard k atomically; its rows, the `dropped` indices and the `failed` samples
+        ({"index", "stage", "error"}) must be exactly the shard's sample indices. Returns the
+        shard's record: rows, bytes, sha256, dropped, failed."""
         table = table.sort_by("index")
-        if sorted([*table.column("index").to_pylist(), *dropped]) != list(self.shard_rows(k)):
-            raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, "
-                             f"got {table.num_rows} rows and {len(dropped)} dropped")
+        failed = sorted(failed, key=lambda f: f["index"])
+        have = [*table.column("index").to_pylist(), *dropped, *(f["index"] for f in failed)]
+        if sorted(have) != list(self.shard_rows(k)):
+            raise StoreError(f"shard {k} must hold samples {self.shard_rows(k)}, got "
+                             f"{table.num_rows} rows, {len(dropped)} dropped and {len(failed)} "
+                             "failed")
+        left_out = {"dropped": sorted(dropped), "failed": failed}
+        if dropped or failed:  # kept in the file too, for `repair` after a crash
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   LEFT_OUT_KEY: json.dumps(left_out)})
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         data = buf.getvalue()
         put_atomic(self.fs, self.fs_path(DATA, self.shard_name(k)), data)
         return {"rows": table.num_rows, "bytes": data.size,
-                "sha256": hashlib.sha256(data).hexdigest(), "dropped": sorted(dropped)}
+                "sha256": hashlib.sha256(data).hexdigest(), **left_out}
 
 
 @dataclass(frozen=True)
@@ -291,6 +302,13 @@ class ShardStore:
     def dropped(self) -> list[int]:
         """Indices of samples left out of finished shards on purpose (`label --min-quality`)."""
         return sorted(i for v in self.manifest.get("dropped", {}).values() for i in v)
+
+    @property
+    def failed(self) -> list[dict]:
+        """Samples left out of finished shards because a stage kept failing on them
+        (`--max-failed-samples`): {"index", "stage", "error"} each, by index."""
+        return sorted((f for v in self.manifest.get("failed", {}).values() for f in v),
+                      key=lambda f: f["index"])
 
     @property
     def shards(self) -> dict[int, dict]:
@@ -351,19 +369,27 @@ class ShardStore:
         return self.shard_path(k)
 
     def record_shards(self, records: dict[int, dict]) -> None:
-        """Enter finished shards in the manifest: their records, and their dropped samples."""
+        """Enter finished shards in the manifest: their records, and their dropped and failed
+        samples under `dropped` and `failed` (by shard, with `dropped_count` and
+        `failed_count`)."""
         shards = self.manifest.setdefault("shards", {})
-        dropped = self.manifest.setdefault("dropped", {})
         for k, record in records.items():
             record = dict(record)
-            lost = record.pop("dropped", [])
-            if lost:
-                dropped[str(k)] = [int(i) for i in lost]
-            else:
-                dropped.pop(str(k), None)
+            lost = {key: record.pop(key, []) for key in LEFT_OUT}
+            self._set_left_out(k, lost)
             shards[str(k)] = record
-        self.manifest["dropped_count"] = sum(len(v) for v in dropped.values())
         self._write_manifest()
+
+    def _set_left_out(self, k: int, lost: dict[str, list]) -> None:
+        """Set shard k's dropped and failed samples (none where `lost` has none), and the
+        counts."""
+        for key in LEFT_OUT:
+            per_shard = self.manifest.setdefault(key, {})
+            if lost.get(key):
+                per_shard[str(k)] = list(lost[key])
+            else:
+                per_shard.pop(str(k), None)
+            self.manifest[f"{key}_count"] = sum(len(v) for v in per_shard.values())
 
     def record(self, key: str, value) -> None:
         """Set a top-level manifest entry (e.g. the resolved run) and write the manifest."""
@@ -373,8 +399,8 @@ class ShardStore:
     def repair(self) -> int:
         """Record the finished shards a crash between writing a shard and updating the manifest
         left unrecorded (also the shards of folders made before shards were recorded): rows,
-        bytes and checksum from the file, dropped samples as the shard's missing indices.
-        Returns how many shards were mended."""
+        bytes and checksum from the file, dropped and failed samples from its metadata (files
+        without it: every missing index as dropped). Returns how many shards were mended."""
         known = self.shards
         layout = self.layout
         records = {}
@@ -383,11 +409,12 @@ class ShardStore:
                 continue
             with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
                 data = f.read()
-            have = pq.read_table(pa.BufferReader(data), columns=["index"]).column("index")
-            lost = sorted(set(self.shard_rows(k)) - set(have.to_pylist()))
-            records[k] = {"rows": len(have), "bytes": len(data),
+            table = pq.read_table(pa.BufferReader(data), columns=["index"])
+            missing = sorted(set(self.shard_rows(k)) - set(table.column("index").to_pylist()))
+            left_out = (table.schema.metadata or {}).get(LEFT_OUT_KEY)
+            records[k] = {"rows": table.num_rows, "bytes": len(data),
                           "sha256": hashlib.sha256(data).hexdigest(), "node": None,
-                          "dropped": lost}
+                          **(json.loads(left_out) if left_out else {"dropped": missing})}
         if records:
             self.record_shards(records)
         return len(records)
@@ -447,9 +474,7 @@ class ShardStore:
             if layout.fs.get_file_info(path).type == pafs.FileType.File:
                 layout.fs.delete_file(path)
             self.manifest.get("shards", {}).pop(str(k), None)
-            self.manifest.get("dropped", {}).pop(str(k), None)
-        self.manifest["dropped_count"] = sum(len(v) for v in self.manifest.get("dropped",
-                                                                               {}).values())
+            self._set_left_out(k, {})
         self._write_manifest()
 
     def _write_manifest(self) -> None:

@@ -40,6 +40,8 @@ def tagged_rows(batch: dict[str, np.ndarray], *, to_rows: Callable, **kwargs) ->
 
 def block_shards(block: pa.Table, shard_size: int) -> dict[int, int]:
     """{shard: rows} of one block (run as a task next to the block)."""
+    if not block.num_rows:  # a unit whose every sample was skipped: Ray Data passes an empty
+        return {}  # block on without calling the later stages, and without columns
     shards, counts = np.unique(np.asarray(block.column("index")) // shard_size,
                                return_counts=True)
     return dict(zip(shards.tolist(), counts.tolist(), strict=True))
@@ -70,13 +72,18 @@ def stage_tags(table: pa.Table) -> tuple[dict, dict]:
     return nodes, busy
 
 
-def write_shard(layout: ShardLayout, k: int, keep: Callable | None, *blocks: pa.Table) -> dict:
+def write_shard(layout: ShardLayout, k: int, keep: Callable | None, failed: list[dict],
+                *blocks: pa.Table) -> dict:
     """In a worker: shard k's rows from `blocks` -> one atomic shard file. Rows `keep` rejects
-    are left out and listed. Returns {"record": the shard's manifest record, "busy": ...}."""
+    are left out and listed, and so are the `failed` samples, which no block holds. Returns
+    {"record": the shard's manifest record, "busy": ...}."""
     import ray
 
-    table = pa.concat_tables(blocks, promote_options="none")
-    table = table.filter(pc.equal(pc.divide(table.column("index"), layout.shard_size), k))
+    if blocks:
+        table = pa.concat_tables(blocks, promote_options="none")
+        table = table.filter(pc.equal(pc.divide(table.column("index"), layout.shard_size), k))
+    else:  # every sample of the shard failed
+        table = layout.schema.empty_table()
     nodes, busy = stage_tags(table)
     rows = table.select(layout.schema.names).cast(layout.schema)
     dropped: list[int] = []
@@ -84,7 +91,7 @@ def write_shard(layout: ShardLayout, k: int, keep: Callable | None, *blocks: pa.
         mask = keep(rows)
         dropped = rows.filter(pc.invert(mask)).column("index").to_pylist()
         rows = rows.filter(mask)
-    record = layout.write(k, rows, dropped)
+    record = layout.write(k, rows, dropped, failed)
     record["node"] = ray.get_runtime_context().get_node_id()
     record["written_at"] = time.time()  # unix seconds: the run's timeline, for monitoring
     for stage, ids in nodes.items():
@@ -96,6 +103,7 @@ def write_shard(layout: ShardLayout, k: int, keep: Callable | None, *blocks: pa.
 class WriteResult:
     written: int = 0  # samples written
     dropped: int = 0  # samples left out by `keep`
+    failed: int = 0  # samples left out because a stage kept failing on them
     shards: int = 0
     busy: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # see stage_tags
 
@@ -118,9 +126,15 @@ class WriteResult:
 
 
 def write_shards(ds, store: ShardStore, shards: list[int], keep: Callable | None = None,
-                 on_progress: Callable[[WriteResult], None] | None = None) -> WriteResult:
+                 on_progress: Callable[[WriteResult], None] | None = None,
+                 skipped: Callable[[], list[dict]] | None = None,
+                 on_skipped: Callable[[list[dict]], None] | None = None) -> WriteResult:
     """Run the pipeline `ds` (rows of `shards`, with stage tags) and write each shard from the
-    workers as soon as its rows are in; returns what was written."""
+    workers as soon as its rows are in; returns what was written. `skipped()` returns the
+    samples the stages left out since its last call (`PoolStage` with `skip_failed`), which
+    are reported before any rows of their unit come out: a shard is complete when its rows
+    and its skipped samples add up. Those of the planned shards go to `on_skipped` (which may
+    stop the run) and into their shard's record."""
     import ray
 
     layout = store.layout
@@ -129,9 +143,36 @@ def write_shards(ds, store: ShardStore, shards: list[int], keep: Callable | None
     expect = {k: len(layout.shard_rows(k)) for k in shards}
     have: collections.Counter = collections.Counter()
     blocks: dict[int, list] = collections.defaultdict(list)
+    failed: dict[int, dict[int, dict]] = collections.defaultdict(dict)  # shard -> index -> why
+    started: set[int] = set()  # shards whose write task is out
     summaries: dict = {}  # summary ref -> block ref
     writes: dict = {}  # write ref -> shard
     out = WriteResult()
+
+    def start_complete(candidates) -> None:
+        for k in candidates:
+            if k in started:
+                continue
+            if have[k] + len(failed[k]) == expect[k]:
+                started.add(k)
+                why = [{key: f[key] for key in ("index", "stage", "error")}
+                       for f in failed[k].values()]
+                writes[writer.remote(layout, k, keep, why, *blocks.pop(k, []))] = k
+            elif have[k] + len(failed[k]) > expect[k]:
+                raise RuntimeError(f"the pipeline made shard {k}'s rows twice")
+
+    def take_skipped() -> None:
+        new = []
+        for f in skipped():
+            k = f["index"] // layout.shard_size
+            if k in expect and k not in started and f["index"] not in failed[k]:
+                failed[k][f["index"]] = f
+                new.append(f)
+        if new:
+            out.failed += len(new)
+            if on_skipped is not None:
+                on_skipped(new)
+            start_complete({f["index"] // layout.shard_size for f in new})
 
     def settle(timeout: float) -> None:
         pending = list(summaries) + list(writes)
@@ -140,18 +181,16 @@ def write_shards(ds, store: ShardStore, shards: list[int], keep: Callable | None
         ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
         if ready:
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+        if skipped is not None:  # after the wait: a ready block's skipped samples are known
+            take_skipped()
         for ref in ready:
             if ref in summaries:
                 block = summaries.pop(ref)
-                for k, n in ray.get(ref).items():
-                    if k not in expect:  # a unit's rows of a done shard, or past n
-                        continue
+                counts = {k: n for k, n in ray.get(ref).items() if k in expect}
+                for k, n in counts.items():  # others: a unit's rows of a done shard, or past n
                     blocks[k].append(block)
                     have[k] += n
-                    if have[k] == expect[k]:
-                        writes[writer.remote(layout, k, keep, *blocks.pop(k))] = k
-                    elif have[k] > expect[k]:
-                        raise RuntimeError(f"the pipeline made shard {k}'s rows twice")
+                start_complete(counts)
             else:
                 k = writes.pop(ref)
                 done = ray.get(ref)
@@ -174,6 +213,10 @@ def write_shards(ds, store: ShardStore, shards: list[int], keep: Callable | None
         settle(0)
     while summaries or writes:
         settle(1.0)
+    if skipped is not None:  # a last unit whose every sample was skipped adds no block
+        take_skipped()
+        while writes:
+            settle(1.0)
     missing = sorted(set(shards) - set(store.shards))
     if missing:  # every planned row must come back exactly once
         raise RuntimeError(f"the pipeline ended with shards {missing} incomplete")

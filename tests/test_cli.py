@@ -138,3 +138,17 @@ def test_no_command_module_imports_the_factory_cli():
                 names = [node.module] if isinstance(node, ast.ImportFrom) else [
                     a.name for a in node.names]
                 assert "factory.cli" not in names, f"{path.relative_to(root)} imports factory.cli"
+
+
+def test_the_final_line_counts_the_samples_dropped_and_skipped(capsys):
+    from factory.cli import echo_result
+    from factory.pipeline import RunResult
+
+    echo_result(RunResult(written=6, shards_written=4, shards_skipped=0, seconds=2.0, out="o",
+                          dropped=1, failed=1))
+    assert capsys.readouterr().out == (
+        "wrote 6 samples (4 shards, 1 dropped below --min-quality, 1 skipped after failing "
+        "(manifest.json's `failed`)) in 2.0 s, 3.50 images/s, to o\n")
+    echo_result(RunResult(written=0, shards_written=1, shards_skipped=3, seconds=1.0, out="o",
+                          failed=2))  # a shard whose every sample failed is work done too
+    assert capsys.readouterr().out.startswith("wrote 0 samples (1 shards, 2 skipped")

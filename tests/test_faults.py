@@ -175,6 +175,80 @@ def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_trace
     assert 2 not in ShardStore.open(store.root).done()  # the failed unit's shard is not written
 
 
+def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_it(
+        ray_local, tmp_path, caplog):
+    """The labeller raises on samples 1, 6 and 7 (6 and 7 make a whole unit, and a whole
+    shard). One failure allowed: the run stops, naming it; three allowed: the rerun finishes
+    without them, each named on the console, listed in the manifest, its traceback logged;
+    a shard deleted and made again with a mended labeller holds its samples."""
+    import re
+
+    from actors.maskrcnn_labeller import MaskRCNNLabeller
+    from factory.pipeline import Labeller, _run, prepare
+    from factory.schema import to_triplets
+    from factory.stats import dataset_stats, format_stats
+
+    class BrokenLabeller(MaskRCNNLabeller):  # defined here: Ray ships it to the actors by value
+        def __call__(self, batch):
+            if {1, 6, 7} & set(batch["index"].tolist()):
+                raise ValueError("a corrupt image (injected)")
+            return super().__call__(batch)
+
+    def run(k, cls=BrokenLabeller):
+        options = GenerateOptions(out=str(tmp_path / "out"), split="pascal", n=8, shard_size=2,
+                                  seed=4, model="tiny", steps=5, batch_size=2,
+                                  label_batch_size=2, max_failed_samples=k)
+        plan, store = prepare(options)
+        labeller = Labeller(cls, dict(vocab="pascal", detector="tiny"), to_triplets,
+                            dict(detector="tiny"), images_per_s=1.0)
+        return _run(options, plan, store, labeller), store
+
+    with pytest.raises(FactoryError) as failed:
+        run(1)
+    message = str(failed.value)
+    del failed  # its traceback holds the stopped pipeline, whose actors hold the stage slots
+    gc.collect()
+    assert re.fullmatch(r"more than 1 samples failed \(--max-failed-samples 1(, with 1 skipped by "
+                        r"earlier runs)?\): the labeller stage failed on sample [167] \(ValueError:"
+                        r" a corrupt image \(injected\)\) and [12] more; their tracebacks are in "
+                        r".*factory\.log", message), message
+    deadline = time.time() + 120
+    while ray_local.available_resources().get("gen", 0) < 1 or ray_local.available_resources(
+            ).get("label", 0) < 1:  # the stopped run's actors must give their slots back
+        assert time.time() < deadline
+        time.sleep(0.2)
+    with caplog.at_level("WARNING"):
+        result, store = run(3)
+    done = ShardStore.open(store.root)
+    assert [f["index"] for f in done.failed] == [1, 6, 7] and done.manifest["failed_count"] == 3
+    assert {(f["stage"], f["error"]) for f in done.failed} == {
+        ("labeller", "ValueError: a corrupt image (injected)")}
+    assert done.verify() == {} and len(done.done()) == 4
+    # each sample of the shards this call made was written or skipped (shard size 2)
+    assert result.written + result.failed == 2 * result.shards_written
+    assert done.read(["index"]).column("index").to_pylist() == [0, 2, 3, 4, 5]
+    assert done.shards[3]["rows"] == 0  # every sample of shard 3 failed: an empty shard
+    for i in (6, 7):
+        assert f"skipped sample {i}: the labeller stage kept failing on it" in caplog.text
+    with open(store.log_path) as f:
+        log = f.read()
+    assert "sample 7 skipped; the labeller stage's traceback:\nTraceback" in log
+    assert "(3 skipped after failing" in format_stats(dataset_stats(store.root))
+
+    class MendedLabeller(MaskRCNNLabeller):  # all but sample 7
+        def __call__(self, batch):
+            if 7 in batch["index"].tolist():
+                raise ValueError("a corrupt image (injected)")
+            return super().__call__(batch)
+
+    os.remove(store.shard_path(3))  # to try its samples again, with the labeller mended
+    result, _ = run(2, MendedLabeller)  # shard 3's old failures no longer count: 1 + 7 <= 2
+    again = ShardStore.open(store.root)
+    assert result.written == 1 and result.failed == 1 and again.verify() == {}
+    assert [f["index"] for f in again.failed] == [1, 7] and again.manifest["failed_count"] == 2
+    assert again.read(["index"]).column("index").to_pylist() == [0, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("code, text", [(28, "No space left on device"),
                                         (13, "Permission denied")])
 def test_a_full_disk_or_a_permission_error_mid_run_is_one_line(code, text):

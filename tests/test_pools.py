@@ -90,6 +90,45 @@ def test_an_output_a_worker_cannot_see_is_refused_naming_the_node(ray_local, tmp
         probe_output(str(tmp_path / "elsewhere"))
 
 
+class Doubler:
+    """A stage that raises on every batch holding sample 5 (or any sample, if `all_fail`)."""
+
+    def __init__(self, all_fail=False):
+        self.calls, self.all_fail = [], all_fail
+
+    def __call__(self, batch):
+        self.calls.append(batch["index"].tolist())
+        if self.all_fail or 5 in batch["index"]:
+            raise RuntimeError("a corrupt input")
+        return {"index": batch["index"], "double": batch["index"] * 2}
+
+
+def test_a_unit_that_keeps_failing_stops_the_run_or_goes_sample_by_sample(ray_local):
+    from factory.console import StageCounter
+    from factory.pools import PoolStage, StageFailure
+
+    counter = ray_local.remote(num_cpus=0)(StageCounter).remote()
+    with pytest.raises(StageFailure, match=r"^the labeller stage failed on samples 4-7 "
+                                           r"\(RuntimeError: a corrupt input\)$"):
+        PoolStage(Doubler, {}, 2, "labeller", counter)({"index": np.arange(4, 8)})
+    stage = PoolStage(Doubler, {}, 2, "labeller", counter, skip_failed=True)
+    out = stage({"index": np.arange(4, 8)})
+    assert stage.stage.calls == [[4, 5], [4, 5], [4], [5], [6], [7]]  # twice whole, then alone
+    assert out["index"].tolist() == [4, 6, 7] and out["double"].tolist() == [8, 12, 14]
+    assert all(len(out[f"_labeller_{tag}"]) == 3 for tag in ("node", "actor", "busy"))
+    skipped, = ray_local.get(counter.skipped.remote())
+    assert {k: skipped[k] for k in ("stage", "index", "error")} == {
+        "stage": "labeller", "index": 5, "error": "RuntimeError: a corrupt input"}
+    assert skipped["traceback"].startswith("Traceback") and "a corrupt input" in skipped[
+        "traceback"]
+    none = PoolStage(Doubler, dict(all_fail=True), 2, "labeller", counter, skip_failed=True)(
+        {"index": np.arange(0, 2)})
+    assert none["index"].tolist() == [] and len(none["_labeller_node"]) == 0
+    assert [s["index"] for s in ray_local.get(counter.skipped.remote(1))] == [0, 1]
+    assert ray_local.get(counter.failed.remote()) == [("labeller", [4, 5, 6, 7],
+                                                       "RuntimeError: a corrupt input")]
+
+
 def test_block_shards_counts_rows_per_shard():
     block = pa.table({"index": [3, 4, 5, 8, 9]})
     assert block_shards(block, 4) == {0: 1, 1: 2, 2: 2}

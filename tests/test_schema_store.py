@@ -173,6 +173,27 @@ def test_a_shard_written_before_its_record_is_recorded_on_resume(tmp_path):
     assert again.shards[1]["rows"] == 3 and again.dropped == [6]
 
 
+def test_failed_samples_are_listed_by_shard_and_cleared_when_the_shard_is_redone(tmp_path):
+    store = make_store(tmp_path)
+    why = {"index": 6, "stage": "labeller", "error": "RuntimeError: a corrupt image"}
+    rows = to_triplets(stage_batch([4, 7])[0], **META)
+    with pytest.raises(StoreError, match="2 rows, 1 dropped and 0 failed"):
+        store.layout.write(1, rows, dropped=[5])  # sample 6 neither written nor listed
+    record = store.layout.write(1, rows, dropped=[5], failed=[why])
+    again = ShardStore.open(store.root)
+    assert again.repair() == 1  # as if the run stopped before recording it: the file knows
+    assert again.shards[1] == {**{k: record[k] for k in ("rows", "bytes", "sha256")},
+                               "node": None}
+    again = ShardStore.open(store.root)
+    assert again.failed == [why] and again.dropped == [5]
+    assert again.manifest["failed"] == {"1": [why]} and again.manifest["failed_count"] == 1
+    assert again.shards[1]["rows"] == 2 and "failed" not in again.shards[1]
+    assert again.damaged() == {} and again.verify() == {}
+    again.redo([1])
+    assert again.failed == [] and again.dropped == [] and again.todo() == [0, 1, 2]
+    assert ShardStore.open(store.root).manifest["failed_count"] == 0
+
+
 def test_a_planned_run_writes_nothing_until_created_and_can_be_discarded(tmp_path):
     store = ShardStore.plan(str(tmp_path / "new"), {"kind": "triplets", "n": 4,
                                                      "shard_size": 4}, seen=[], unseen=[])
