@@ -3,7 +3,8 @@
 Backends: torchvision's `maskrcnn_resnet50_fpn_v2` (COCO mask AP 41.8; weights from a local file
 or torchvision's cache), its random-weight `tiny` variant for tests, and detectron2's
 `mask_rcnn_R_50_FPN_3x` when detectron2 is installed. All report COCO category ids, which the
-vocabulary maps to prompt names. (The paper's public code used mmdet's Mask R-CNN with a Swin-S
+vocabulary maps to prompt names. `test-bright-pixels` is a test fixture, not a detector
+(BrightPixelsTestDetector). (The paper's public code used mmdet's Mask R-CNN with a Swin-S
 backbone, which none of these is.)
 
 Oracles: `union` joins every instance of a class scoring >= 0.5 (the semantic mask, the
@@ -21,6 +22,7 @@ from actors.batch import as_lists, check_columns, default_device, object_column,
 from actors.names import (
     DETECTRON2_CONFIG,
     ORACLES,
+    TEST_DETECTOR,
     check_detector,
     oracle_score_threshold,
     torchvision_weights_path,
@@ -84,6 +86,27 @@ class Detectron2MaskRCNN(torch.nn.Module):
         return outs
 
 
+class BrightPixelsTestDetector(torch.nn.Module):
+    """A test fixture, not a detector: the random-weight `tiny` Mask R-CNN finds nothing, so
+    tests of mask determinism (resume, batch size) would compare empty masks. This fixture's
+    detections are a fixed function of the image instead: one instance of every COCO category,
+    whose mask is the pixels where colour channel (category id mod 3) is at least 128 and whose
+    score is 0.5 plus half that mask's share of the image. Same interface as torchvision's
+    Mask R-CNN (a list of (3, H, W) images in [0, 1] in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("coco_ids", torch.tensor(sorted(COCO_CATEGORIES)))        # (80,)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outs = []
+        for im in images:                                                   # (3, H, W)
+            masks = (im >= 128 / 255)[self.coco_ids % 3, None].float()      # (80, 1, H, W)
+            outs.append({"labels": self.coco_ids, "masks": masks,
+                         "scores": 0.5 + 0.5 * masks.mean((1, 2, 3))})       # (80,)
+        return outs
+
+
 def class_masks(det: dict[str, torch.Tensor], class_ids: list[int], hw: tuple[int, int], *,
                 score_threshold: float, mask_threshold: float = 0.5,
                 oracle: str = "union") -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +153,8 @@ class MaskRCNNLabeller:
         self.device = device or default_device()
         if detector == "detectron2":
             model = Detectron2MaskRCNN(weights)
+        elif detector == TEST_DETECTOR:
+            model = BrightPixelsTestDetector()
         else:
             model = build_torchvision_maskrcnn(detector, weights)
         self.model = model.eval().to(self.device)

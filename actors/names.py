@@ -100,7 +100,8 @@ def model_not_found(model: str, e: Exception) -> str:
             "(`hf download MODEL --local-dir DIR`) and pass --model DIR")
 
 
-DETECTORS = ("torchvision", "tiny", "detectron2")
+TEST_DETECTOR = "test-bright-pixels"  # a test fixture (maskrcnn_labeller.BrightPixelsTestDetector)
+DETECTORS = ("torchvision", "tiny", "detectron2", TEST_DETECTOR)
 ORACLES = ("union", "top1")
 
 

@@ -139,8 +139,8 @@ def run_generate(o: GenerateOptions) -> None:
     click.option("--model", default=DEFAULT_MODEL,
                  help="SD: hub id, local diffusers folder, or 'tiny' (random weights)."),
     click.option("--detector", default=None,
-                 help="torchvision | detectron2 | tiny [default: tiny with --model tiny, else "
-                      "torchvision]."),
+                 help="torchvision | detectron2 | tiny | test-bright-pixels (a test fixture) "
+                      "[default: tiny with --model tiny, else torchvision]."),
     click.option("--detector-weights", default=None,
                  help="Mask R-CNN weights file [default: torchvision's cache]."),
     click.option("--pairs", default=None,

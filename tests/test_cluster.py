@@ -96,7 +96,7 @@ def disturbed(cluster, undisturbed, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cl") / "out")
     proc = driver([*RUN, "--address", cluster.address, "--out", out])
     deadline = time.time() + 300
-    while not (os.path.isdir(os.path.join(out, "data")) and ShardStore.open(out).shards):
+    while not (os.path.isfile(os.path.join(out, "manifest.json")) and ShardStore.open(out).shards):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     lost = list(cluster.gen)

@@ -18,6 +18,7 @@ import pytest
 from conftest import ray_worker_pids
 from simcluster import driver
 
+from actors.names import TEST_DETECTOR
 from factory.cli import main
 from factory.errors import FactoryError
 from factory.pipeline import GenerateOptions, generate
@@ -25,8 +26,10 @@ from factory.store import ShardStore
 
 pytestmark = pytest.mark.slow
 
+# the test-fixture detector: non-empty masks, so "byte-identical" covers masks too
 RUN = ["--split", "pascal", "--n", "8", "--shard-size", "2", "--seed", "4", "--model", "tiny",
-       "--steps", "5", "--batch-size", "2", "--label-batch-size", "2"]
+       "--steps", "5", "--batch-size", "2", "--label-batch-size", "2", "--detector",
+       TEST_DETECTOR]
 
 
 def shard_bytes(out: str) -> dict[int, bytes]:
@@ -39,6 +42,8 @@ def reference(ray_local, tmp_path_factory):
     """An uninterrupted run: its folder and its shards' bytes."""
     out = str(tmp_path_factory.mktemp("ref") / "out")
     main(["generate", "--out", out, *RUN])
+    areas = ShardStore.open(out).read(["areas"]).column("areas").to_pylist()
+    assert sum(map(sum, areas)) > 0
     return out, shard_bytes(out)
 
 
@@ -84,11 +89,14 @@ def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
     address = ray_local.get_runtime_context().gcs_address
     proc = driver(["generate", "--out", out, *RUN, "--address", address])
     deadline = time.time() + 300
-    while not (os.path.isdir(os.path.join(out, "data")) and ShardStore.open(out).done()):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:  # the manifest, written whole, appears after data/: wait for it before opening
+        while not (os.path.isfile(os.path.join(out, "manifest.json"))
+                   and ShardStore.open(out).done()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+    finally:  # a failed wait too: a driver left running would hold the next tests' slots
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     left = ShardStore.open(out).done()
     assert 1 <= len(left) < 4  # killed mid-run
     with caplog.at_level("INFO"):
@@ -109,7 +117,7 @@ def test_a_resume_that_resolves_differently_is_refused_unless_drift_is_allowed(
     os.remove(store.shard_path(3))
     store.record("resolved", {**resolved, "precision": "bfloat16", "torch": "0.1"})
     options = GenerateOptions(out=out, split="pascal", n=8, shard_size=2, seed=4, model="tiny",
-                              steps=5, batch_size=2, label_batch_size=2)
+                              detector=TEST_DETECTOR, steps=5, batch_size=2, label_batch_size=2)
     with pytest.raises(FactoryError, match=r"\(precision bfloat16 then, float32 now; torch 0\.1 "
                                            r"then, .* now\).*--allow-drift"):
         generate(options)
@@ -279,7 +287,7 @@ def test_a_killed_generator_actor_leaves_every_index_exactly_once(ray_local, tmp
     run = threading.Thread(target=lambda: result.update(run=generate(options)))
     run.start()
     deadline = time.time() + 300
-    while not (os.path.isdir(os.path.join(options.out, "data"))
+    while not (os.path.isfile(os.path.join(options.out, "manifest.json"))
                and ShardStore.open(options.out).done()):
         assert run.is_alive() and time.time() < deadline
         time.sleep(0.05)

@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from actors.names import TEST_DETECTOR
 from factory.cli import main
 from factory.pipeline import GenerateOptions, generate
 from factory.prompts import SamplePlan
@@ -17,8 +18,10 @@ from factory.vocab import get_split
 
 pytestmark = pytest.mark.slow
 
+# the test-fixture detector: masks that are a fixed function of the image, never all empty,
+# so that the resume and determinism tests below compare real masks
 RUN = ["--split", "pascal", "--fold", "2", "--n", "6", "--seed", "3", "--model", "tiny",
-       "--steps", "5"]
+       "--steps", "5", "--detector", TEST_DETECTOR]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,8 @@ def test_generate_writes_every_sample_once_in_shards_pandas_and_ray_read(ray_loc
         assert row["noise_seed"] == spec.noise_seed and row["split"] == "pascal"
         assert decode_png(row["image"]).shape == (64, 64, 3)
         assert decode_masks(row["masks"], 64, 64).shape == (len(spec.classes), 64, 64)
-        assert row["t"] == 1 and row["sd_model"] == "tiny" and row["detector"] == "tiny"
+        assert row["t"] == 1 and row["sd_model"] == "tiny" and row["detector"] == TEST_DETECTOR
+    assert 0 < sum(a for areas in df["areas"] for a in areas) < 6 * 2 * 64 * 64  # masks to test
     ds = ray_local.data.read_parquet(data)
     assert ds.count() == 6 and set(TRIPLET_SCHEMA.names) <= set(ds.schema().names)
 
@@ -74,7 +78,8 @@ def test_rerun_adds_nothing_and_a_lost_shard_comes_back_identical(ray_local, fir
     assert {k: os.path.getmtime(store.shard_path(k)) for k in tables} == mtimes
     os.remove(store.shard_path(1))
     r = generate(GenerateOptions(out=out, split="pascal", fold="2", n=6, seed=3, model="tiny",
-                                 steps=5, shard_size=4, batch_size=2, label_batch_size=3))
+                                 detector=TEST_DETECTOR, steps=5, shard_size=4, batch_size=2,
+                                 label_batch_size=3))
     assert (r.written, r.shards_written, r.shards_skipped) == (2, 1, 1)
     assert set(r.warm_up_s) == {"generator", "labeller"}  # each actor's, shown while running
     assert all(s >= 0 for secs in r.warm_up_s.values() for s in secs)
@@ -88,7 +93,8 @@ def test_samples_do_not_depend_on_shard_or_batch_size(ray_local, first_run, tmp_
     out, tables = first_run
     other = str(tmp_path / "other")
     generate(GenerateOptions(out=other, split="pascal", fold="2", n=6, seed=3, model="tiny",
-                             steps=5, shard_size=3, batch_size=3, label_batch_size=1))
+                             detector=TEST_DETECTOR, steps=5, shard_size=3, batch_size=3,
+                             label_batch_size=1))
     a = pd.concat([t.to_pandas() for t in tables.values()]).sort_values("index")
     b = pd.read_parquet(os.path.join(other, "data")).sort_values("index")
     for col in ("index", "prompt", "noise_seed", "t"):
@@ -96,6 +102,8 @@ def test_samples_do_not_depend_on_shard_or_batch_size(ray_local, first_run, tmp_
     assert [list(c) for c in a["classes"]] == [list(c) for c in b["classes"]]
     for x, y in zip(a["image"], b["image"], strict=True):  # float sums may regroup by batch
         assert np.abs(decode_png(x).astype(int) - decode_png(y)).max() <= 1
+    for x, y in zip(a["masks"], b["masks"], strict=True):  # a pixel at 127/128 may flip
+        assert (decode_masks(x, 64, 64) != decode_masks(y, 64, 64)).mean() < 0.01
 
 
 def test_demo_runs_the_whole_chain_and_can_run_again(ray_local, tmp_path, capsys):

@@ -168,9 +168,12 @@ def test_a_shard_written_before_its_record_is_recorded_on_resume(tmp_path):
     store = make_store(tmp_path)
     store.layout.write(1, to_triplets(stage_batch([4, 5, 7])[0], **META), dropped=[6])
     assert store.shards == {}  # as if the run died before entering it in the manifest
+    pq.write_table(to_triplets(stage_batch([0, 1, 3])[0], **META),  # as older versions wrote
+                   store.shard_path(0))  # it: no list of what it lacks, sample 2 missing
     again = ShardStore.open(store.root)
-    assert again.repair() == 1 and again.repair() == 0
-    assert again.shards[1]["rows"] == 3 and again.dropped == [6]
+    assert again.repair() == 2 and again.repair() == 0
+    assert again.shards[1]["rows"] == 3 and again.shards[0]["rows"] == 3
+    assert again.dropped == [2, 6] and again.failed == []
 
 
 def test_failed_samples_are_listed_by_shard_and_cleared_when_the_shard_is_redone(tmp_path):
