@@ -600,7 +600,9 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
         failed = ray.get(counter.failed.remote())
         if not failed:
             raise
-        raise RunFailure(f"{StageFailure(*failed[0])}; its full traceback is in "
+        spent = (f" (--max-failed-samples {budget.limit}: used up by the {budget.already} "
+                 "samples earlier runs skipped)" if budget.limit and budget.left <= 0 else "")
+        raise RunFailure(f"{StageFailure(*failed[0])}{spent}; its full traceback is in "
                          f"{store.log_path}") from e
     show(w, force=True)
     warm_up_s = ray.get(counter.warm_ups.remote())[1]

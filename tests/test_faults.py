@@ -37,6 +37,16 @@ def shard_bytes(out: str) -> dict[int, bytes]:
     return {k: open(store.shard_path(k), "rb").read() for k in store.done()}
 
 
+def wait_for_stage_slots(ray_local) -> None:
+    """Wait until a stopped run's actors have given the `gen` and `label` slots back (they hold
+    them until the failed pipeline, which its exception's traceback refers to, is freed)."""
+    deadline = time.time() + 120
+    while ray_local.available_resources().get("gen", 0) < 1 or ray_local.available_resources(
+            ).get("label", 0) < 1:
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def reference(ray_local, tmp_path_factory):
     """An uninterrupted run: its folder and its shards' bytes."""
@@ -169,11 +179,7 @@ def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_trace
     message = str(failed.value)
     del failed  # its traceback holds the stopped pipeline, whose actors hold the stage slots
     gc.collect()
-    deadline = time.time() + 120
-    while ray_local.available_resources().get("gen", 0) < 1 or ray_local.available_resources(
-            ).get("label", 0) < 1:  # the next tests need both slots again
-        assert time.time() < deadline
-        time.sleep(0.2)
+    wait_for_stage_slots(ray_local)  # the next tests need both slots again
     assert message.startswith("the labeller stage failed on samples 4-5 (RuntimeError: CUDA out "
                               "of memory (injected)); its full traceback is in ")
     assert "\n" not in message
@@ -188,7 +194,8 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     """The labeller raises on samples 1, 6 and 7 (6 and 7 make a whole unit, and a whole
     shard). One failure allowed: the run stops, naming it; three allowed: the rerun finishes
     without them, each named on the console, listed in the manifest, its traceback logged;
-    a shard deleted and made again with a mended labeller holds its samples."""
+    a shard deleted and made again with a mended labeller holds its samples; a failure once
+    earlier runs have used K up stops the run, saying so."""
     import re
 
     from actors.maskrcnn_labeller import MaskRCNNLabeller
@@ -220,11 +227,7 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
                         r"earlier runs)?\): the labeller stage failed on sample [167] \(ValueError:"
                         r" a corrupt image \(injected\)\) and [12] more; their tracebacks are in "
                         r".*factory\.log", message), message
-    deadline = time.time() + 120
-    while ray_local.available_resources().get("gen", 0) < 1 or ray_local.available_resources(
-            ).get("label", 0) < 1:  # the stopped run's actors must give their slots back
-        assert time.time() < deadline
-        time.sleep(0.2)
+    wait_for_stage_slots(ray_local)
     with caplog.at_level("WARNING"):
         result, store = run(3)
     done = ShardStore.open(store.root)
@@ -255,6 +258,16 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     assert result.written == 1 and result.failed == 1 and again.verify() == {}
     assert [f["index"] for f in again.failed] == [1, 7] and again.manifest["failed_count"] == 2
     assert again.read(["index"]).column("index").to_pylist() == [0, 2, 3, 4, 5, 6]
+    os.remove(store.shard_path(0))  # sample 1 fails again, and sample 7 has used up K = 1
+    with pytest.raises(FactoryError) as failed:
+        run(1)
+    message = str(failed.value)
+    del failed
+    gc.collect()
+    wait_for_stage_slots(ray_local)  # the next tests need both slots again
+    assert message.startswith("the labeller stage failed on samples 0-1 (ValueError: a corrupt "
+                              "image (injected)) (--max-failed-samples 1: used up by the 1 "
+                              "samples earlier runs skipped); its full traceback is in "), message
 
 
 @pytest.mark.parametrize("code, text", [(28, "No space left on device"),
