@@ -31,7 +31,6 @@ from factory.schema import encode_masks
 from factory.vocab import COCO_CATEGORIES, VOCABULARIES
 
 
-# score an instance needs to enter a mask when none is given, per oracle (module docstring)
 def build_torchvision_maskrcnn(name: str = "torchvision", weights: str | None = None,
                                seed: int = 0) -> torch.nn.Module:
     """Mask R-CNN v2 with COCO's 91 label slots. `tiny`: the same network with random weights

@@ -103,8 +103,7 @@ def model_not_found(model: str, e: Exception) -> str:
 TEST_DETECTOR = "test-bright-pixels"  # a test fixture (maskrcnn_labeller.BrightPixelsTestDetector)
 DETECTORS = ("torchvision", "tiny", "detectron2", TEST_DETECTOR)
 ORACLES = ("union", "top1")
-
-
+# score an instance needs to enter a mask when none is given, per oracle
 ORACLE_SCORE_THRESHOLDS = {"union": 0.5, "top1": 0.05}
 
 
@@ -113,6 +112,8 @@ def oracle_score_threshold(oracle: str, score_threshold: float | None = None) ->
     if oracle not in ORACLES:
         raise ValueError(f"unknown oracle {oracle!r}: one of {', '.join(ORACLES)}")
     return ORACLE_SCORE_THRESHOLDS[oracle] if score_threshold is None else score_threshold
+
+
 TORCHVISION_WEIGHTS = "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth"  # torchvision's COCO_V1 file
 DETECTRON2_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 

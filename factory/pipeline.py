@@ -581,21 +581,24 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
             progress.show({**counts, "written": w.written + w.dropped + w.failed}, warming,
                           warm_up_s)
 
-    seen = []  # skipped samples reported by the counter so far
+    taken = 0  # skipped samples the counter has handed over so far
 
     def skipped() -> list[dict]:
-        new = ray.get(counter.skipped.remote(len(seen)))
-        seen.extend(new)
+        nonlocal taken
+        new = ray.get(counter.skipped.remote(taken))
+        taken += len(new)
         return new
 
     # samples skipped by earlier runs count, except those of shards deleted to be made again
-    already = sum(f["index"] // store.shard_size not in todo for f in store.failed)
+    redo = set(todo)
+    already = sum(f["index"] // store.shard_size not in redo for f in store.failed)
     budget = FailureBudget(o.max_failed_samples, already, store.log_path)
+    skip_failed = budget.left > 0
     ds = build_dataset(o, plan, store, spans, unit, labeller, pools, counter,
-                       skip_failed=budget.left > 0)
-    try:
-        w = write_shards(ds, store, todo, labeller.keep, on_progress=show, skipped=skipped,
-                         on_skipped=budget.spend)
+                       skip_failed=skip_failed)
+    try:  # without skipping, the stages report no skipped samples: no need to ask the counter
+        w = write_shards(ds, store, todo, labeller.keep, on_progress=show,
+                         skipped=skipped if skip_failed else None, on_skipped=budget.spend)
     except Exception as e:
         failed = ray.get(counter.failed.remote())
         if not failed:

@@ -410,11 +410,11 @@ class ShardStore:
             with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
                 data = f.read()
             table = pq.read_table(pa.BufferReader(data), columns=["index"])
-            missing = sorted(set(self.shard_rows(k)) - set(table.column("index").to_pylist()))
             left_out = (table.schema.metadata or {}).get(LEFT_OUT_KEY)
+            lost = json.loads(left_out) if left_out else {"dropped": sorted(
+                set(self.shard_rows(k)) - set(table.column("index").to_pylist()))}
             records[k] = {"rows": table.num_rows, "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest(), "node": None,
-                          **(json.loads(left_out) if left_out else {"dropped": missing})}
+                          "sha256": hashlib.sha256(data).hexdigest(), "node": None, **lost}
         if records:
             self.record_shards(records)
         return len(records)
