@@ -3,13 +3,13 @@ appendix B.3), for any class the prompt names, seen in training or not.
 
 From each sample's stored latent x_t it recomputes SD's features (one guided UNet forward,
 `FeatureExtractor`), embeds the prompt's class names, and lets the head predict one mask
-probability per class. Each class's mask is its own probability >= `threshold`, as the paper's
-inference (`test.py`) thresholds each class's sigmoid on its own, so the masks of a prompt's two
-classes may overlap. The semantic label map, which must be exclusive, gives each pixel the class
-of highest probability if that probability reaches `threshold`, else background; with an
-uncertainty band (low, high) pixels whose highest probability lies in [low, high) are labelled
-255, ignore (as Dataset Diffusion does), those below `low` background, and a class's mask is its
-probability >= high.
+probability per class. Each class's mask is its own probability > `threshold`, as the paper's
+inference (`test.py`: `label_pred_prob > 0.5`) thresholds each class's sigmoid on its own, so the
+masks of a prompt's two classes may overlap. The semantic label map, which must be exclusive,
+gives each pixel the class of highest probability if that probability exceeds `threshold`, else
+background; with an uncertainty band (low, high) pixels whose highest probability lies in
+(low, high] are labelled 255, ignore (as Dataset Diffusion does), those at or below `low`
+background, and a class's mask is its probability > high.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from factory.schema import IGNORE, encode_masks
 
 # How per-class scores in [0, 1] (the head's probabilities, DAAM's normalised heat) become masks
 MASK_RULES = {
-    "independent": "each class's score >= the threshold on its own, so masks may overlap "
-                   "(the paper's test.py)",
-    "exclusive": "each pixel to the class of highest score if that passes the threshold, so "
+    "independent": "each class's score above the threshold on its own (the head: >, as the "
+                   "paper's test.py; DAAM: >=), so masks may overlap",
+    "exclusive": "each pixel to the class of highest score if that is above the threshold, so "
                  "masks are disjoint (a label map's)",
 }
 
 
 def check_band(threshold: float, ignore_band: tuple[float, float] | None) -> tuple[float, float]:
-    """(low, high): pixels with top probability >= high are labelled, < low are background, the
+    """(low, high): pixels with top probability > high are labelled, <= low are background, the
     rest ignore. Without a band, low = high = threshold."""
     low, high = ignore_band if ignore_band is not None else (threshold, threshold)
     if not 0.0 < low <= high < 1.0:
@@ -45,12 +45,12 @@ def label_maps(probs: Tensor, class_ids: Tensor, valid: Tensor, low: float, high
                ) -> Tensor:
     """probs: B x K x H x W mask probabilities; class_ids: B x K label ids; valid: B x K (False
     for padding). Returns B x H x W uint8 label maps: the most probable class where its
-    probability is >= high, 0 where it is < low, 255 (ignore) in between."""
+    probability is > high, 0 where it is <= low, 255 (ignore) in between."""
     p = probs.masked_fill(~valid[..., None, None], -1.0)                     # (B, K, H, W)
     top, k = p.max(dim=1)                                                    # (B, H, W)
     ids = torch.gather(class_ids, 1, k.flatten(1)).view_as(k)                # (B, H, W)
-    label = torch.where(top >= high, ids, torch.full_like(ids, IGNORE))
-    return torch.where(top < low, torch.zeros_like(ids), label).to(torch.uint8)
+    label = torch.where(top > high, ids, torch.full_like(ids, IGNORE))
+    return torch.where(top <= low, torch.zeros_like(ids), label).to(torch.uint8)
 
 
 def check_mask_rule(rule: str) -> None:
@@ -59,19 +59,21 @@ def check_mask_rule(rule: str) -> None:
 
 
 def apply_mask_rule(scores: Tensor, threshold: float, rule: str = "independent",
-                    valid: Tensor | None = None) -> Tensor:
-    """Per-class masks by `rule` (see MASK_RULES) from per-class scores in [0, 1].
+                    valid: Tensor | None = None, *, inclusive: bool = False) -> Tensor:
+    """Per-class masks by `rule` (see MASK_RULES) from per-class scores in [0, 1]: a score
+    counts where it is > threshold (the head, as test.py), or >= with `inclusive` (DAAM).
     scores: ... x K x H x W; valid: ... x K, False for padding classes, whose masks are empty
     (None: all valid). Returns ... x K x H x W bool."""
     check_mask_rule(rule)
     if valid is None:
         valid = torch.ones(scores.shape[:-2], dtype=torch.bool, device=scores.device)
     valid = valid[..., None, None]                                           # (..., K, 1, 1)
+    above = torch.ge if inclusive else torch.gt
     if rule == "independent":
-        return (scores >= threshold) & valid
+        return above(scores, threshold) & valid
     top, k = scores.masked_fill(~valid, -1.0).max(dim=-3, keepdim=True)      # (..., 1, H, W)
     classes = torch.arange(scores.shape[-3], device=scores.device)[:, None, None]  # (K, 1, 1)
-    return (k == classes) & (top >= threshold)
+    return (k == classes) & above(top, threshold)
 
 
 def mask_scores(probs: Tensor, masks: Tensor) -> Tensor:
@@ -87,7 +89,7 @@ class GroundingLabeller:
     t (B,); image (B, H, W, 3) or height, width (B,), for the output size.
     Output batch: the input plus label (B, H, W) uint8, the exclusive label map (module
     docstring); masks (B,) lists of K COCO RLEs, the head's own mask of each class: its
-    probability >= `threshold` (>= high with an `ignore_band`), whatever the other class's, so
+    probability > `threshold` (> high with an `ignore_band`), whatever the other class's, so
     two classes' masks may overlap where the label map picked one (with `mask_rule`
     "exclusive", Protocol I's option, each class's pixels of the label map instead); scores
     (B,) lists of K mean probabilities inside those masks; areas (B,) lists of K pixel counts;

@@ -82,9 +82,10 @@ class KeepLatent:
 
 
 class SDGenerator:
-    """Stable Diffusion sampling as a batch stage (paper sec. 5.1: DDIM, 50 steps, eta 0,
-    guidance 7.5). Each sample's initial noise comes from its own seed, so a sample does not
-    depend on what else is in its batch.
+    """Stable Diffusion sampling as a batch stage (paper sec. 5.1: DDIM, 50 steps, eta 0). The
+    paper gives no guidance scale; the default 7.5 is the official test.py's (`--scale`), and the
+    official train.py makes the head's training images at 5.0. Each sample's initial noise comes
+    from its own seed, so a sample does not depend on what else is in its batch.
 
     Input batch:  prompt (B,) str; noise_seed (B,) int.
     Output batch: the input plus image (B, H, W, 3) uint8; x_t (B, 4, H/8, W/8), the latent
@@ -136,6 +137,11 @@ class SDGenerator:
             raise ValueError(f"feature step must lie in [0, {steps}), got {self.feature_step}")
         unet = self.pipe.unet.config
         self.latent_shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+
+    @property
+    def precision(self) -> str:
+        """The dtype SD computes in, e.g. "bfloat16"."""
+        return str(self.pipe.dtype).removeprefix("torch.")
 
     def initial_noise(self, seeds: np.ndarray) -> torch.Tensor:
         """(B, 4, h, w) standard normal noise, sample b drawn from its own CPU generator."""

@@ -7,15 +7,15 @@ labeller GPU keeps up with (DESIGN.md's target: at least 4).
     python benchmarks/label.py --model tiny --device cpu --batch-sizes 2 --batches 2 \\
         --gen-steps 2 --gen-batch-size 2
 
-Prints a table and writes benchmarks/results/label.json.
+Prints a table and merges each figure, as soon as it is measured, into
+benchmarks/results/label-CARD.json (benchmarks/record.py); factory/speeds.py reads the
+labeller's images/s at `factory label`'s batch size (8) from there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -30,16 +30,12 @@ from actors.frozen_sd import FrozenSD  # noqa: E402
 from actors.grounding_labeller import GroundingLabeller  # noqa: E402
 from actors.names import SD15_RANDOM  # noqa: E402
 from actors.sd_generator import SDGenerator  # noqa: E402
+from benchmarks.record import provenance, results_path, sync, update_result  # noqa: E402
 from factory.prompts import SamplePlan  # noqa: E402
 from factory.vocab import get_split  # noqa: E402
 from train.grounding.checkpoint import save_checkpoint  # noqa: E402
 from train.grounding.model import build_grounding_head  # noqa: E402
 from train.grounding.trainer import head_for  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def specs(n: int, offset: int = 0) -> dict[str, np.ndarray]:
@@ -103,39 +99,40 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="timed labeller calls per batch size")
     p.add_argument("--gen-steps", type=int, default=50)
     p.add_argument("--gen-batch-size", type=int, default=16)
-    p.add_argument("--gen-batches", type=int, default=2)
+    p.add_argument("--gen-batches", type=int, default=2, help="0: no generator")
     p.add_argument("--gen-precision", default="bfloat16")
     p.add_argument("--gen-compile", action="store_true")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                 "label.json"))
+    p.add_argument("--out", default=None,
+                   help="[default: benchmarks/results/label-CARD.json, e.g. label-h100]")
     a = p.parse_args()
+    a.out = a.out or results_path("label", a.device)
+    update_result(a.out, **provenance(a.device), model=a.model, labeller_images_per_s={},
+                  generator=None, generator_gpus_per_labeller_gpu=None,
+                  labeller_gpus_per_generator_gpu=None)
+    label_ips: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         labeller = GroundingLabeller(random_checkpoint(a.model, folder), device=a.device)
         latent = labeller.sd.pipe.unet.config.sample_size
+        # the maps the head reads: 25 for SD 1.x (h200-b9f3fe7/label.json's figures had 9)
+        update_result(a.out, image_size=8 * latent, feature_maps=len(labeller.sd.extractor.maps))
         if a.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        label_ips = {int(b): time_labeller(labeller, int(b), a.batches, latent, a.device)
-                     for b in a.batch_sizes.split(",")}
-        peak = torch.cuda.max_memory_allocated() / 2**30 if a.device.startswith("cuda") else None
+        for b in a.batch_sizes.split(","):
+            label_ips[str(int(b))] = time_labeller(labeller, int(b), a.batches, latent, a.device)
+            peak = (torch.cuda.max_memory_allocated() / 2**30 if a.device.startswith("cuda")
+                    else None)
+            update_result(a.out, labeller_images_per_s=label_ips, labeller_peak_memory_gib=peak)
+            print(f"labeller batch {int(b):>3}: {label_ips[str(int(b))]:8.2f} images/s")
         del labeller
+    if not a.gen_batches:
+        return
     gen_ips = time_generator(a)
     best = max(label_ips.values())
-    result = {
-        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
-        "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
-        "torch": torch.__version__, "model": a.model, "image_size": 8 * latent,
-        "labeller_images_per_s": label_ips, "labeller_peak_memory_gib": peak,
-        "generator": {"images_per_s": gen_ips, "steps": a.gen_steps,
-                      "batch_size": a.gen_batch_size, "precision": a.gen_precision,
-                      "compile": a.gen_compile},
-        "generator_gpus_per_labeller_gpu": best / gen_ips,
-        "labeller_gpus_per_generator_gpu": gen_ips / best,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-    for b, ips in label_ips.items():
-        print(f"labeller batch {b:>3}: {ips:8.2f} images/s")
+    update_result(a.out, generator={"images_per_s": gen_ips, "steps": a.gen_steps,
+                                    "batch_size": a.gen_batch_size,
+                                    "precision": a.gen_precision, "compile": a.gen_compile},
+                  generator_gpus_per_labeller_gpu=best / gen_ips,
+                  labeller_gpus_per_generator_gpu=gen_ips / best)
     print(f"generator batch {a.gen_batch_size} ({a.gen_precision}, {a.gen_steps} steps): "
           f"{gen_ips:.2f} images/s")
     print(f"one labeller GPU keeps up with {best / gen_ips:.1f} generator GPUs -> {a.out}")

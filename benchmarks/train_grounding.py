@@ -5,15 +5,14 @@ spent on that recomputation.
     python benchmarks/train_grounding.py                   # SD-1.5-sized random weights, H100
     python benchmarks/train_grounding.py --model tiny --device cpu --steps 3
 
-Prints a table and writes benchmarks/results/train_grounding.json.
+Prints a line and merges its figures into benchmarks/results/train_grounding-CARD.json
+(benchmarks/record.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import time
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actors.frozen_sd import FrozenSD  # noqa: E402
 from actors.names import SD15_RANDOM  # noqa: E402
+from benchmarks.record import provenance, results_path, sync, update_result  # noqa: E402
 from factory.prompts import SamplePlan  # noqa: E402
 from factory.vocab import get_split  # noqa: E402
 from train.grounding.data import MAX_CLASSES  # noqa: E402
@@ -50,20 +50,16 @@ def synthetic_batch(sd: FrozenSD, batch_size: int, seed: int) -> dict[str, np.nd
     }
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=SD15_RANDOM)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=20, help="timed steps, after 3 warm-up steps")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                 "train_grounding.json"))
+    p.add_argument("--out", default=None,
+                   help="[default: benchmarks/results/train_grounding-CARD.json]")
     a = p.parse_args()
+    a.out = a.out or results_path("train_grounding", a.device)
     sd = FrozenSD(a.model, a.device)
     head = build_grounding_head(head_for(a.model), **sd.head_overrides()).to(sd.device)
     opt = torch.optim.Adam(head.parameters(), lr=1e-4, weight_decay=1e-4)
@@ -84,19 +80,14 @@ def main() -> None:
         sync(a.device)
         feature_s += mid - start
         step_s += time.perf_counter() - start
-    result = {
-        "command": "python " + " ".join(shlex.quote(x) for x in sys.argv),
-        "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
-        "torch": torch.__version__, "model": a.model, "batch_size": a.batch_size,
-        "samples_per_s": a.steps * a.batch_size / step_s,
-        "feature_share_of_step": feature_s / step_s,
-        "step_ms": 1e3 * step_s / a.steps,
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                            if a.device.startswith("cuda") else None),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = update_result(
+        a.out, **provenance(a.device), model=a.model, batch_size=a.batch_size,
+        feature_maps=len(sd.extractor.maps),  # 25 for SD 1.x (h200-b9f3fe7's figures had 9)
+        samples_per_s=a.steps * a.batch_size / step_s,
+        feature_share_of_step=feature_s / step_s,
+        step_ms=1e3 * step_s / a.steps,
+        peak_memory_gib=(torch.cuda.max_memory_allocated() / 2**30
+                         if a.device.startswith("cuda") else None))
     print(f"batch {a.batch_size}: {result['samples_per_s']:.1f} samples/s, "
           f"{result['step_ms']:.0f} ms/step, features {100 * result['feature_share_of_step']:.0f}% "
           f"of the step -> {a.out}")

@@ -230,5 +230,6 @@ class DAAMLabeller:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images, heats = self.heat_maps(batch)
         masks = [encode_masks(apply_mask_rule(torch.from_numpy(h), self.threshold,
-                                              self.mask_rule).numpy()) for h in heats]
+                                              self.mask_rule, inclusive=True).numpy())
+                 for h in heats]
         return {**with_lists(batch), "image": images, "masks": object_column(masks)}

@@ -10,9 +10,10 @@ all at least `min_area` of the image are left out, and the report says how many 
 
 Both methods' masks follow one rule (`mask_rule`, named in the report): by default
 "independent", as the paper's inference (`test.py`) thresholds each class's sigmoid on its own:
-the head's mask of a class is its probability >= `threshold`, DAAM's its heat >=
-`daam_threshold`, and a prompt's two masks may overlap; or "exclusive": each pixel goes to the
-prompt's class of highest probability (heat) if that passes the method's threshold, else to none.
+the head's mask of a class is its probability > `threshold` (test.py's `> 0.5`), DAAM's its
+heat >= `daam_threshold`, and a prompt's two masks may overlap; or "exclusive": each pixel goes
+to the prompt's class of highest probability (heat) if that is above the method's threshold
+(the same comparison), else to none.
 
     python -m eval.protocol1 --data TESTDIR --checkpoint CKPT --baseline daam --out report.json
     factory eval grounding ...                                              (the same command)
@@ -95,7 +96,7 @@ def check_inputs(data: str, checkpoint: str | None, baseline: str | None, mask_r
         if run.get("kind") != "triplets" or run.get("subset") != "test":
             raise ValueError(f"{data!r} is not a test set: make one with `factory generate "
                              "--subset test`")
-        if not store.done():
+        if not store.finished():
             raise ValueError(f"{data!r} holds no finished shard")
         info = None
         if checkpoint is not None:
@@ -114,12 +115,13 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
              mask_rule: str = "independent", batch_size: int = 8,
              head_actors: str | int = "auto", daam_actors: str | int = "auto",
              head_gpus: float | None = None, daam_gpus: float | None = None,
-             address: str | None = None, placement_timeout: float | None = None,
-             ray_log: str | None = None) -> dict:
+             device: str | None = None, address: str | None = None,
+             placement_timeout: float | None = None, ray_log: str | None = None) -> dict:
     """Run the methods over the test set; returns the report (table, counts, settings). Ray's
     own output goes to the file `ray_log` (default: a new temporary file, named in the log)."""
     from actors.grounding_labeller import MASK_RULES
     from eval.table import PAPER_TABLE1_AVERAGES, ProtocolTable
+    from factory.options import check_cuda_here
     from factory.schema import decode_masks
 
     store, info = check_inputs(data, checkpoint, baseline, mask_rule)
@@ -136,6 +138,7 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     try:
         pool_sizes = {"labeller": parse_pool_size(head_actors, "head actors"),
                       "generator": parse_pool_size(daam_actors, "DAAM actors")}
+        check_cuda_here(device, address)
     except ValueError as e:
         raise FactoryError(str(e)) from None
     meta = store.read(columns=["index", "areas", "height", "width"])
@@ -160,7 +163,7 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
     with ray_logs_to(ray_log):
         ds = _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule,
                       batch_size, pool_sizes, {"labeller": head_gpus, "generator": daam_gpus},
-                      address, placement_timeout)
+                      device, address, placement_timeout)
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in block.to_pylist():
                 gt = decode_masks(row["oracle"], row["height"], row["width"])
@@ -189,7 +192,7 @@ def evaluate(data: str, checkpoint: str | None = None, baseline: str | None = No
 
 
 def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, batch_size,
-             sizes, gpus, address, placement_timeout):
+             sizes, gpus, device, address, placement_timeout):
     """Test rows in blocks of `batch_size` -> the head's pool (on `label` slots) and/or DAAM's
     (on `gen` slots, as it regenerates images), sized like `factory generate`'s pools."""
     import ray
@@ -224,9 +227,9 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, 
         from actors.grounding_labeller import GroundingLabeller
 
         ds = (ds.map_batches(GroundingLabeller,
-                             fn_constructor_kwargs=dict(checkpoint=info["folder"],
-                                                        threshold=threshold,
-                                                        mask_rule=mask_rule),
+                             fn_constructor_kwargs=dict(
+                                 checkpoint=info["folder"], threshold=threshold,
+                                 mask_rule=mask_rule, device=pools["labeller"].device(device)),
                              batch_size=batch_size, **pools["labeller"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "head_masks"}, num_cpus=STAGE_CPUS))
     if baseline is not None:
@@ -238,7 +241,8 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, 
                                                         guidance=run["guidance"],
                                                         threshold=daam_threshold,
                                                         mask_rule=mask_rule,
-                                                        precision=precision),
+                                                        precision=precision,
+                                                        device=pools["generator"].device(device)),
                              batch_size=batch_size, **pools["generator"].ray_args())
               .map_batches(renamed, fn_kwargs={"masks_to": "daam_masks"}, num_cpus=STAGE_CPUS))
     return ds.select_columns(["classes", "oracle", "height", "width"]
@@ -268,14 +272,15 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 @click.option("--out", default=None, help="Report JSON (and .md beside it) [default: print].")
 @click.option("--min-area", type=float, default=0.01,
               help="Keep samples whose oracle masks all cover this share of the image (0: all).")
-@click.option("--threshold", type=float, default=0.5, help="Grounding-head mask threshold.")
+@click.option("--threshold", type=float, default=0.5,
+              help="Grounding-head mask: probability > this (the official test.py's rule).")
 @click.option("--daam-threshold", type=float, default=0.4,
               help="DAAM: threshold on the normalised heat map.")
 @click.option("--mask-rule", default="independent",
-              help="independent: each class's mask on its own, probability (DAAM: heat) >= the "
-                   "method's threshold, so masks may overlap (the paper's test.py); exclusive: "
-                   "each pixel to the prompt's class of highest probability (heat) if it passes "
-                   "the threshold. Both methods follow it.")
+              help="independent: each class's mask on its own, probability > the threshold "
+                   "(DAAM: heat >= its threshold), so masks may overlap (the paper's test.py); "
+                   "exclusive: each pixel to the prompt's class of highest probability (heat) "
+                   "if it passes the threshold. Both methods follow it.")
 @click.option("--batch-size", type=int, default=8)
 @click.option("--head-actors", default="auto",
               help="Grounding-head actors (on `label` slots): a number, or auto (sized like "
@@ -285,9 +290,12 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
                    "(one per gen slot, growing as gen nodes join).")
 @click.option("--head-gpus", type=float, default=None, help="GPUs per head actor.")
 @click.option("--daam-gpus", type=float, default=None, help="GPUs per DAAM actor.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the actors compute; cpu even where Ray gave them GPUs (tests, "
+                   "GPU-less clusters) [default: cuda for a pool with GPUs, else cpu].")
 @click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
 @click.option("--placement-timeout", type=float, default=None,
-              help="Seconds the pools may wait for nodes [default: 600 on a cluster, 10 "
+              help="Seconds the pools may wait for nodes [default: 1800 on a cluster, 10 "
                    "locally].")
 def cli(out: str | None, **kwargs) -> None:
     """Protocol I: the grounding head and/or DAAM against the oracle masks of a test set."""

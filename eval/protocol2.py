@@ -6,11 +6,16 @@ factory's synthetic sets.
     --coco COCO_ROOT --checkpoint RUN [--fold zs65]               the 5,000 COCO val2017 images
     ... --predictions DIR                                         any segmenter's PNGs instead
 
-VOC is scored both ways: 20 object classes with background pixels ignored (ZegFormer's
-convention, which the paper's table copies its ZegFormer row from, so the one it uses) and 21
-classes with background (background counted as seen). COCO's instances are rasterised into a
-semantic map of the 80 thing classes (larger instances first, so smaller ones stay on top); crowd
-regions and pixels of no thing are ignored. Predictions are label maps in the dataset's values
+VOC is scored with 20 object classes, background pixels ignored (ZegFormer's convention; the
+paper's table copies its ZegFormer row), and with 21 classes (background counted as seen). A
+checkpoint with a background class is scored on the 20 classes two ways: `voc20`, ZegFormer's,
+the argmax over the 20 object channels only (ZegFormer has no background class, so it never
+predicts background on an object; comparable with its row), and `voc20_argmax21`, the argmax
+over all 21 (a background prediction on an object pixel is a miss). COCO's instances are
+rasterised into a semantic map of the 80 thing classes (larger instances first, so smaller ones
+stay on top); crowd regions and pixels of no thing are ignored. COCO's unseen mIoU is given over
+the 15 classes of fold zs65 (`coco80`) and over the 14 that COCO-sim has (`coco80_sim14`: mouse
+left out of both seen and unseen). Predictions are label maps in the dataset's values
 (VOC: 0 background, 1-20; COCO: category ids 1-90; 255 or an unknown value: no prediction).
 Images run through Ray Data; each worker returns per-class pixel counts, summed here.
 """
@@ -28,8 +33,9 @@ from PIL import Image
 
 from eval.metrics import IoUAccumulator, seen_unseen
 from factory.errors import FactoryError
+from factory.options import check_cuda_here
 from factory.schema import IGNORE
-from factory.vocab import COCO_CATEGORIES, VOCABULARIES, get_split
+from factory.vocab import COCO_CATEGORIES, COCO_SIM_DROPPED, VOCABULARIES, get_split
 from train.maskformer.data import CLASS_LISTS
 
 VOC_FOLDS = ("zs3", "1", "2", "3")
@@ -107,15 +113,23 @@ class Scorer:
         self.lut = classes.lut()  # dataset label value -> class index; others IGNORE
         self.n = len(classes.names)
 
-    def counts(self, pred: np.ndarray, gt: np.ndarray) -> dict[str, tuple[list, list]]:
+    def counts(self, pred: np.ndarray, gt: np.ndarray, objects: np.ndarray | None = None
+               ) -> dict[str, tuple[list, list]]:
+        """pred: (H, W) the prediction over all classes; objects: (H, W) the prediction over
+        the object classes alone (VOC, a model with a background class), or None."""
         p, g = self.lut[pred], self.lut[gt]
         out = {}
         if self.dataset == "voc":
             with_bg = IoUAccumulator(self.n, include_background=True)
             with_bg.update(p, g)
+            objects_gt = np.where(g == 0, IGNORE, g).astype(np.uint8)
             no_bg = IoUAccumulator(self.n)
-            no_bg.update(p, np.where(g == 0, IGNORE, g).astype(np.uint8))
-            accs = {"voc20": no_bg, "voc21": with_bg}
+            no_bg.update(p if objects is None else self.lut[objects], objects_gt)
+            accs = {"voc20": no_bg}
+            if objects is not None:
+                accs["voc20_argmax21"] = IoUAccumulator(self.n)
+                accs["voc20_argmax21"].update(p, objects_gt)
+            accs["voc21"] = with_bg
         else:
             acc = IoUAccumulator(self.n, include_background=True)
             acc.update(p, g)
@@ -136,7 +150,13 @@ def summarise(totals: dict[str, IoUAccumulator], dataset: str, seen: list[str],
         s, u, h = seen_unseen(acc, seen_ids, [index[n] for n in unseen])
         out[conv] = {"seen": 100 * s, "unseen": 100 * u, "harmonic": 100 * h,
                      "per_class": {names[c]: 100 * v for c, v in acc.iou(
-                         range(1 if conv == "voc20" else 0, acc.num_classes)).items()}}
+                         range(0 if conv == "voc21" else 1 if dataset == "voc" else 0,
+                               acc.num_classes)).items()}}
+        if conv == "coco80":  # COCO-sim's 14 unseen classes: mouse neither seen nor unseen
+            sim = [index[n] for n in unseen if n not in COCO_SIM_DROPPED]
+            s, u, h = seen_unseen(acc, [index[n] for n in seen], sim)
+            out["coco80_sim14"] = {"seen": 100 * s, "unseen": 100 * u, "harmonic": 100 * h,
+                                   "unseen_classes": [names[c] for c in sim]}
     return out
 
 
@@ -161,7 +181,7 @@ class ScoreImages:
     MaskFormer or reading `predictions`."""
 
     def __init__(self, dataset: str, root: str, checkpoint: str | None,
-                 predictions: str | None) -> None:
+                 predictions: str | None, device: str = "cpu") -> None:
         self.dataset, self.root, self.predictions = dataset, root, predictions
         self.scorer = Scorer(dataset)
         self.coco = None
@@ -176,33 +196,43 @@ class ScoreImages:
             from train.maskformer.job import load_maskformer
             from train.maskformer.model import image_processor
 
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            if device == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("the scoring actor was given a GPU but sees no CUDA device; "
+                                   "pass --device cpu to score on the CPU on purpose")
+            self.device = device
             self.model, info = load_maskformer(checkpoint, self.device)
             self.crop = info["crop"]
             self.processor = image_processor()
             classes = CLASS_LISTS[info["split"]]
             self.to_values = np.asarray(classes.label_values, dtype=np.uint8)
+            self.background = classes.background  # class 0 is background
 
-    def predict(self, image_path: str) -> np.ndarray:
-        """The MaskFormer's label map (dataset values) at the image's size."""
-        from train.maskformer.model import predict_ids
+    def predict(self, image_path: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The MaskFormer's label maps (dataset values) at the image's size: the argmax over
+        all classes, and (a model with background) the argmax over the object classes."""
+        from train.maskformer.model import semantic_scores
 
         image = np.asarray(Image.open(image_path).convert("RGB"))
-        return self.to_values[predict_ids(self.model, self.processor, image, self.crop)]
+        scores = semantic_scores(self.model, self.processor, image, self.crop)  # (K, H, W)
+        pred = self.to_values[scores.argmax(dim=0).numpy()]
+        if not self.background:
+            return pred, None
+        return pred, self.to_values[1 + scores[1:].argmax(dim=0).numpy()]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = {"item": [], "counts": []}
         for item in batch["item"]:
             gt, image_path = ground_truth(self.dataset, self.root, str(item), self.coco)
+            objects = None
             if self.model is not None:
-                pred = self.predict(image_path)
+                pred, objects = self.predict(image_path)
             else:
                 pred = read_prediction(os.path.join(self.predictions, f"{item}.png"))
             if pred.shape != gt.shape:
                 raise ValueError(f"prediction for {item} is {pred.shape[::-1]} pixels, the "
                                  f"image {gt.shape[::-1]}")
             rows["item"].append(str(item))
-            rows["counts"].append(json.dumps(self.scorer.counts(pred, gt)))
+            rows["counts"].append(json.dumps(self.scorer.counts(pred, gt, objects)))
         return {k: np.asarray(v, dtype=object) for k, v in rows.items()}
 
 
@@ -229,7 +259,10 @@ def check_inputs(voc: str | None, coco: str | None, checkpoint: str | None,
         info = read_info(folder)
         want = "pascal" if dataset == "voc" else "coco"
         trained = info.get("fold")
-        fits = info.get("split") == want and (trained is None or trained == fold
+        if trained is None:
+            raise FactoryError(f"{checkpoint!r} was trained without a zero-shot fold (every "
+                               "class seen): it cannot be scored zero-shot")
+        fits = info.get("split") == want and (trained == fold
                                               or (dataset == "coco" and trained == "1"))
         if not fits:
             raise FactoryError(f"{checkpoint!r} was trained for {info.get('split')} fold "
@@ -249,17 +282,24 @@ def check_inputs(voc: str | None, coco: str | None, checkpoint: str | None,
 
 def evaluate(voc: str | None = None, coco: str | None = None, *, checkpoint: str | None = None,
              predictions: str | None = None, fold: str | None = None, batch_size: int = 16,
-             address: str | None = None, ray_log: str | None = None) -> dict:
-    """Score the segmenter on the val images; returns the report. Ray's own output goes to the
-    file `ray_log` (default: a new temporary file, named in the log)."""
+             device: str | None = None, address: str | None = None,
+             ray_log: str | None = None) -> dict:
+    """Score the segmenter on the val images; returns the report. A checkpoint's model runs on
+    `device` (default: CUDA where the cluster has, or its autoscaler may add, a GPU). Ray's own
+    output goes to the file `ray_log` (default: a new temporary file, named in the log)."""
     import ray
 
     from factory.console import ray_logs_to
-    from factory.pools import connect_ray
+    from factory.pools import ClusterView, connect_ray
 
     if batch_size <= 0:
         raise FactoryError(f"batch size must be > 0, got {batch_size}")
     dataset, root, fold, items = check_inputs(voc, coco, checkpoint, predictions, fold)
+    if checkpoint:
+        try:
+            check_cuda_here(device, address)
+        except ValueError as e:
+            raise FactoryError(str(e)) from None
     seen, unseen = protocol2_split(dataset, fold)
     if ray_log is None:
         ray_log = tempfile.mkstemp(prefix="protocol2-", suffix=".log")[1]
@@ -268,11 +308,13 @@ def evaluate(voc: str | None = None, coco: str | None = None, *, checkpoint: str
     totals: dict[str, IoUAccumulator] = {}
     with ray_logs_to(ray_log):
         connect_ray(address)
-        gpu = 1 if checkpoint and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        if device is None:  # a cold cluster has no GPU yet: go by what it may launch
+            device = "cuda" if checkpoint and ClusterView.current().max_gpus >= 1 else "cpu"
+        gpu = 1 if checkpoint and device == "cuda" else 0
         ds = ray.data.from_items([{"item": i} for i in items]).map_batches(
             ScoreImages, batch_size=batch_size, num_cpus=0.25, num_gpus=gpu, concurrency=1,
             fn_constructor_kwargs=dict(dataset=dataset, root=root, checkpoint=checkpoint,
-                                       predictions=predictions))
+                                       predictions=predictions, device=device))
         for row in ds.iter_rows():
             for conv, (inter, union) in json.loads(row["counts"]).items():
                 acc = totals.setdefault(conv, IoUAccumulator(n, include_background=True))
@@ -293,24 +335,31 @@ PAPER_TABLE2 = {"voc": [("A (paper, one object a prompt)", 62.8, 50.0, 55.7),
                         ("ZegFormer (paper's table)", 86.4, 63.6, 73.3)],
                 "coco": [("C (paper, the mixture)", 38.3, 38.1, 38.2),
                          ("ZegFormer (paper's table)", 53.3, 34.5, 41.9)]}
-CONVENTIONS = {"voc20": "VOC, 20 classes, background ignored (the paper's table)",
+CONVENTIONS = {"voc20": "VOC, 20 classes, background ignored, argmax over the 20 object classes "
+                        "(ZegFormer's way: comparable with its row)",
+               "voc20_argmax21": "VOC, 20 classes, background ignored, argmax over all 21 (a "
+                                 "background prediction on an object is a miss)",
                "voc21": "VOC, 21 classes with background (counted as seen)",
-               "coco80": "COCO, 80 thing classes, no-thing pixels ignored"}
+               "coco80": "COCO, 80 thing classes, no-thing pixels ignored, 15 unseen (zs65)",
+               "coco80_sim14": "COCO, as above, 14 unseen: COCO-sim's (mouse left out)"}
+PREDICTIONS_VOC20 = "VOC, 20 classes, background ignored (the label maps as given)"
 
 
 def markdown(report: dict) -> str:
     lines = ["| convention | seen | unseen | harmonic |", "| --- | --- | --- | --- |"]
     for conv, r in report["conventions"].items():
-        lines.append(f"| {CONVENTIONS[conv]} | {r['seen']:.1f} | {r['unseen']:.1f} | "
-                     f"{r['harmonic']:.1f} |")
+        name = (PREDICTIONS_VOC20 if conv == "voc20" and report.get("predictions")
+                else CONVENTIONS[conv])
+        lines.append(f"| {name} | {r['seen']:.1f} | {r['unseen']:.1f} | {r['harmonic']:.1f} |")
     for name, s, u, h in PAPER_TABLE2[report["dataset"]]:
         lines.append(f"| {name} | {s} | {u} | {h} |")
-    lines += ["", "| class | " + " | ".join(report["conventions"]) + " |",
-              "| --- |" + " --- |" * len(report["conventions"])]
-    for c in sorted(set().union(*(r["per_class"] for r in report["conventions"].values()))):
+    per_class = {conv: r["per_class"] for conv, r in report["conventions"].items()
+                 if "per_class" in r}
+    lines += ["", "| class | " + " | ".join(per_class) + " |",
+              "| --- |" + " --- |" * len(per_class)]
+    for c in sorted(set().union(*per_class.values())):
         mark = " (unseen)" if c in report["unseen"] else ""
-        cells = [f"{r['per_class'][c]:.1f}" if c in r["per_class"] else "-"
-                 for r in report["conventions"].values()]
+        cells = [f"{r[c]:.1f}" if c in r else "-" for r in per_class.values()]
         lines.append(f"| {c}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -338,6 +387,9 @@ def write_report(report: dict, out: str) -> tuple[str, str]:
 @click.option("--fold", default=None, help="VOC: zs3 | 1 | 2 | 3 [zs3]; COCO: zs65 [zs65].")
 @click.option("--out", default=None, help="Report JSON (and .md beside it) [default: print].")
 @click.option("--batch-size", type=int, default=16)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where the checkpoint's model runs [default: cuda where the cluster has, or "
+                   "may add, a GPU; else cpu].")
 @click.option("--address", default=None, help="Ray cluster [default: start a local Ray].")
 def cli(out: str | None, **kwargs) -> None:
     """Protocol II: zero-shot semantic segmentation of real VOC or COCO images."""

@@ -3,7 +3,6 @@ arguments answer at once; every user error is one line on stderr and exit status
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -16,20 +15,9 @@ from eval.protocol1 import cli as protocol1
 from eval.protocol2 import cli as protocol2
 from factory.command import run_command
 from factory.errors import FactoryError
-from factory.pipeline import GenerateOptions, LabelOptions
+from factory.options import GenerateOptions, LabelOptions
 from train.grounding.job import cli as grounding_job
 from train.maskformer.job import cli as maskformer_job
-
-log = logging.getLogger("factory")
-
-DEMO = dict(split="pascal", fold="1", subset="train", n=16, shard_size=8, model="tiny",
-            batch_size=4, label_batch_size=4)
-DEMO_TRAIN = dict(steps=10, batch_size=4, report_every=5, cpus_per_worker=0.5)
-DEMO_LABEL = dict(n=8, shard_size=8, batch_size=4, label_batch_size=4)
-DEMO_TEST = {**DEMO, "subset": "test", "n": 8}
-DEMO_MASKFORMER = dict(variant="tiny", steps=4, batch_size=2, crop=64, report_every=4,
-                       cpus_per_worker=0.5)
-DEMO_VOC = 8  # drawn val images for Protocol II
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -56,7 +44,9 @@ STORE_OPTIONS = [
 ]
 SD_OPTIONS = [
     click.option("--steps", type=int, default=50, help="DDIM steps."),
-    click.option("--guidance", type=float, default=7.5, help="Classifier-free guidance."),
+    click.option("--guidance", type=float, default=None,
+                 help="Classifier-free guidance [default: 5.0 for --subset train, as the "
+                      "official train.py; 7.5 for test and label, as its test.py]."),
     click.option("--feature-step", type=int, default=None,
                  help="Denoising step whose input latent x_t is stored [default: last]."),
     click.option("--precision", default=None,
@@ -85,11 +75,16 @@ POOL_OPTIONS = [
                  help="GPUs per generator [default: 1, or 0.8 where labellers share the node]."),
     click.option("--label-gpus", type=float, default=None,
                  help="GPUs per labeller [default: 1, or 0.2 on a node with generators]."),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+                 help="Where the stages compute; cpu runs them on the CPU even where Ray gave "
+                      "them GPUs (tests, GPU-less clusters) [default: cuda for a pool with "
+                      "GPUs, else cpu; an actor given GPUs that sees no CUDA stops the run]."),
     click.option("--address", default=None,
                  help="Ray cluster address, e.g. auto [default: start a local Ray]."),
     click.option("--placement-timeout", type=float, default=None,
                  help="Seconds the pools may wait for nodes before the run is refused "
-                      "[default: 600 on a cluster, 10 on a local Ray]."),
+                      "[default: 1800 on a cluster, time for the autoscaler to boot GPU "
+                      "nodes; 10 on a local Ray]."),
     click.option("--allow-drift", is_flag=True,
                  help="Resume although the precision, SD weights or library versions now "
                       "resolve differently from the folder's first run (recorded)."),
@@ -105,25 +100,6 @@ def output_file(path: str, option: str) -> str:
     if os.path.isdir(path):
         raise FactoryError(f"{option} {path!r} is a folder: give the name of a file to write")
     return path
-
-
-def echo_result(r) -> None:
-    if r.written == 0 and r.dropped == 0 and r.failed == 0:
-        click.echo(f"nothing to do: all {r.shards_skipped} shards of {r.out} are done")
-        return
-    dropped = f", {r.dropped} dropped below --min-quality" if r.dropped else ""
-    if r.failed:
-        dropped += f", {r.failed} skipped after failing (manifest.json's `failed`)"
-    busy = "".join(f"; {stage} actors busy {share:.0%}" for stage, share in (r.busy or {}).items()
-                   if share is not None)
-    click.echo(f"wrote {r.written} samples ({r.shards_written} shards{dropped}) in "
-               f"{r.seconds:.1f} s, {r.images_per_s:.2f} images/s, to {r.out}{busy}")
-
-
-def run_generate(o: GenerateOptions) -> None:
-    from factory.pipeline import generate
-
-    echo_result(generate(o))
 
 
 @cli.command()
@@ -158,13 +134,9 @@ def run_generate(o: GenerateOptions) -> None:
 )
 def generate(**kwargs) -> None:
     """Generate training or test triplets: prompts -> SD -> Mask R-CNN -> Parquet shards."""
-    run_generate(GenerateOptions(**kwargs))
+    from factory.pipeline import generate as run
 
-
-def run_label(o: LabelOptions) -> None:
-    from factory.pipeline import label
-
-    echo_result(label(o))
+    click.echo(run(GenerateOptions(**kwargs)).summary())
 
 
 @cli.command()
@@ -191,10 +163,11 @@ def run_label(o: LabelOptions) -> None:
     click.option("--model", default=None,
                  help="SD; must be the checkpoint's [default: the checkpoint's]."),
     click.option("--threshold", type=float, default=0.5,
-                 help="Mask probability a pixel needs to take a class."),
+                 help="A pixel takes a class whose mask probability is above this (the "
+                      "official test.py's rule)."),
     click.option("--ignore-band", type=float, nargs=2, default=None,
-                 help="LOW HIGH: top probability in [LOW, HIGH) is labelled 255 (ignore), "
-                      "below LOW background; replaces --threshold."),
+                 help="LOW HIGH: top probability in (LOW, HIGH] is labelled 255 (ignore), "
+                      "LOW or below background; replaces --threshold."),
     click.option("--min-quality", type=float, default=0.0,
                  help="Drop images whose quality (mean mask confidence) is lower; counted and "
                       "listed in the manifest."),
@@ -203,7 +176,9 @@ def run_label(o: LabelOptions) -> None:
 def label(**kwargs) -> None:
     """Label generated images with a trained grounding head: prompts over every class of the
     split (or an open vocabulary) -> SD -> grounding head -> segmentation set."""
-    run_label(LabelOptions(**kwargs))
+    from factory.pipeline import label as run
+
+    click.echo(run(LabelOptions(**kwargs)).summary())
 
 
 @cli.command()
@@ -231,11 +206,12 @@ def stats(folder: str, plot: str | None) -> None:
 def verify(folder: str) -> None:
     """Check every shard of an output FOLDER against its manifest (rows, bytes, SHA-256); exit
     1 listing the bad shards, which a rerun of the folder's command makes again."""
+    from factory.integrity import verify as verify_folder
     from factory.store import ShardStore
 
     try:
         store = ShardStore.open(folder)
-        bad = store.verify()
+        bad = verify_folder(store)
     except (OSError, ValueError) as e:  # StoreError is a ValueError
         raise FactoryError(str(e)) from None
     if bad:
@@ -244,7 +220,7 @@ def verify(folder: str) -> None:
         click.echo(f"{len(bad)} bad shard(s) in {folder}: rerun the command that made it "
                    "to make them again", err=True)
         sys.exit(1)
-    click.echo(f"{len(store.done())} of {store.num_shards} shards verified in {folder}")
+    click.echo(f"{len(store.finished())} of {store.num_shards} shards verified in {folder}")
 
 
 @cli.command()
@@ -276,12 +252,35 @@ def show(folder: str, out: str, n: int, classes: str | None, tile: int) -> None:
 
     output_file(out, "--out")
     try:
-        tiles = contact_sheet(folder, out, n=n, tile=tile,
+        sheet = contact_sheet(folder, out, n=n, tile=tile,
                               classes=[c.strip() for c in classes.split(",")] if classes
                               else None)
     except ValueError as e:
         raise FactoryError(str(e)) from None
-    click.echo(f"{tiles} samples drawn to {out}")
+    missing = (f" (no sample names {', '.join(map(repr, sheet.missing))})" if sheet.missing
+               else "")
+    click.echo(f"{sheet.tiles} samples drawn to {out}{missing}")
+
+
+@cli.command()
+@click.argument("folder")
+@click.option("--per-class", type=int, default=24,
+              help="Samples shown per class, at most (a fixed, spread-out pick).")
+@click.option("--out", default=None,
+              help="HTML file to write, its pictures in a folder beside it "
+                   "[default: FOLDER/report/index.html].")
+def report(folder: str, per_class: int, out: str | None) -> None:
+    """One offline HTML page of an output FOLDER (generate, label, or Protocol I/II results):
+    a gallery with the masks, the `factory stats` figures, the run's manifest, the tables."""
+    from factory.report import make_report
+
+    if out:
+        output_file(out, "--out")
+    try:
+        result = make_report(folder, out=out, per_class=per_class)
+    except ValueError as e:  # ReportError, StoreError
+        raise FactoryError(str(e)) from None
+    click.echo(result.summary())
 
 
 @cli.command()
@@ -295,24 +294,14 @@ def show(folder: str, out: str, n: int, classes: str | None, tile: int) -> None:
 @click.option("--out", required=True, help="Pairs file to write (JSON).")
 def pairs(coco_json, voc_root, voc_image_set, split, min_count, out) -> None:
     """Co-appearing class pairs from real annotations, for `generate --pairs`."""
-    from factory.pairs import coco_images, count_pairs, voc_images, write_pairs
-    from factory.vocab import VOCABULARIES
+    from factory.pairs import make_pairs
 
-    if (coco_json is None) == (voc_root is None):
-        raise FactoryError("give exactly one of --coco FILE and --voc DIR")
-    if min_count < 1:
-        raise FactoryError(f"min count must be >= 1, got {min_count}")
     output_file(out, "--out")
-    split = split or ("coco" if coco_json else "pascal")
-    if split not in VOCABULARIES:
-        raise FactoryError(f"unknown split {split!r}: choose one of {', '.join(VOCABULARIES)}")
     try:
-        images = coco_images(coco_json) if coco_json else voc_images(voc_root, voc_image_set)
-    except (OSError, ValueError, KeyError) as e:
-        raise FactoryError(f"cannot read annotations: {e}") from None
-    n = write_pairs(out, count_pairs(images, VOCABULARIES[split]), VOCABULARIES[split],
-                    source=coco_json or voc_root, min_count=min_count)
-    click.echo(f"{n} co-appearing {split} pairs from {len(images)} images, to {out}")
+        n, images, split = make_pairs(out, coco_json, voc_root, voc_image_set, split, min_count)
+    except ValueError as e:
+        raise FactoryError(str(e)) from None
+    click.echo(f"{n} co-appearing {split} pairs from {images} images, to {out}")
 
 
 @cli.command()
@@ -323,70 +312,11 @@ def demo(out: str | None) -> None:
     class with it (labels/), export them (export/coco, export/voc), draw grid.png, and score the
     head and DAAM on a small test set (test/) by Protocol I (protocol1.json, .md); then train a
     tiny MaskFormer on the labels (maskformer/) and score it by Protocol II on a VOC-layout
-    folder of drawn shapes (voc/, protocol2.json, .md). A rerun finishes what is missing."""
-    import math
+    folder of drawn shapes (voc/: VOC val's layout only, no train lists; protocol2.json, .md);
+    last, an HTML report of each folder (report/index.html). A rerun finishes what is missing."""
+    from factory.demo import demo as run
 
-    from eval.protocol1 import evaluate, write_report
-    from eval.protocol2 import evaluate as evaluate_segmentation
-    from eval.protocol2 import write_report as write_segmentation_report
-    from factory.export import export as export_folder
-    from factory.show import contact_sheet
-    from factory.stats import dataset_stats, format_stats
-    from factory.toyvoc import write_shapes_voc
-    from train.grounding.checkpoint import latest_checkpoint, read_info
-    from train.grounding.job import train
-    from train.maskformer import job as maskformer
-
-    out = out or tempfile.mkdtemp(prefix="factory-demo-")
-    path = functools.partial(os.path.join, out)
-    click.echo(f"demo: {DEMO['n']} samples of {DEMO['split']} fold {DEMO['fold']} on tiny "
-               "random-weight SD and Mask R-CNN (images and masks are noise, by design)")
-    run_generate(GenerateOptions(out=path("triplets"), **DEMO))
-    click.echo(format_stats(dataset_stats(path("triplets"))))
-    done = latest_checkpoint(path("grounding")) if os.path.isdir(path("grounding")) else None
-    if done is None:
-        m = train(path("triplets"), path("grounding"), **DEMO_TRAIN).metrics
-    else:  # a rerun of the demo: its head is trained already
-        m = read_info(done)["metrics"]
-    click.echo(f"grounding head: {m['step']} steps, loss {m['loss']:.4f}, train IoU "
-               + ("n/a: no oracle mask to learn from (the random detector finds nothing)"
-                  if math.isnan(m["iou"]) else f"{m['iou']:.3f}"))
-    click.echo(f"labelling {DEMO_LABEL['n']} new images of all {DEMO['split']} classes, seen and "
-               "unseen, with that head")
-    run_label(LabelOptions(out=path("labels"), checkpoint=path("grounding"), **DEMO_LABEL))
-    for fmt in ("coco", "voc"):
-        if not os.path.isdir(path("export", fmt)):
-            r = export_folder(path("labels"), fmt, path("export", fmt))
-            click.echo(f"exported {r.images} images ({fmt}) to {r.out}")
-    tiles = contact_sheet(path("labels"), path("grid.png"), n=DEMO_LABEL["n"])
-    click.echo(f"{tiles} labelled samples drawn to {path('grid.png')}")
-    run_generate(GenerateOptions(out=path("test"), **DEMO_TEST))
-    if not os.path.isfile(path("protocol1.json")):
-        report = evaluate(path("test"), path("grounding"), "daam", min_area=0.0,
-                          batch_size=DEMO["batch_size"], ray_log=path("protocol1.log"))
-        write_report(report, path("protocol1.json"))
-    with open(path("protocol1.md"), encoding="utf-8") as f:
-        click.echo(f.read().rstrip())
-    click.echo("(random weights: the measured rows are meaningless, they show the machinery)")
-    done = (maskformer.latest_checkpoint(path("maskformer"))
-            if os.path.isdir(path("maskformer")) else None)
-    if done is None:
-        m = maskformer.train([path("labels")], path("maskformer"), **DEMO_MASKFORMER).metrics
-    else:
-        m = maskformer.read_info(done)
-    click.echo(f"MaskFormer ({DEMO_MASKFORMER['variant']}): {m['step']} steps on the labels, "
-               f"loss {m['loss']:.4f}")
-    if not os.path.isfile(path("protocol2.json")):
-        voc = path("voc", "VOC2012")
-        if not os.path.isdir(voc):
-            write_shapes_voc(voc, DEMO_VOC)
-        report = evaluate_segmentation(voc=voc, checkpoint=path("maskformer"),
-                                       fold=DEMO["fold"], ray_log=path("protocol2.log"))
-        write_segmentation_report(report, path("protocol2.json"))
-    with open(path("protocol2.md"), encoding="utf-8") as f:
-        click.echo(f.read().rstrip())
-    click.echo("(a few steps on noise images, scored on drawn shapes: these Protocol II numbers "
-               "are meaningless too)")
+    run(out or tempfile.mkdtemp(prefix="factory-demo-"), click.echo)
 
 
 @cli.group("eval")

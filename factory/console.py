@@ -22,13 +22,11 @@ def ray_logs_to(path: str):
     """While open, Ray's output goes to the log file `path` instead of the console: its Python
     loggers (ray, ray.data, ray.train, ...) and, as Ray's C++ core writes to the process's
     stderr directly, file descriptor 2 itself. Python's own console handlers (this program's
-    messages) and the progress lines keep the real stderr, which the context yields. Ray Data
-    draws no progress bars meanwhile. An exception leaving the context is written to the log
-    with its full traceback. The file is appended to (its folder made if missing); for
-    a URI `path` the log is kept in a local temporary file and uploaded when the context
-    closes."""
-    from ray.data import DataContext
-
+    messages) and the progress lines keep the real stderr, which the context yields. An
+    exception leaving the context is written to the log with its full traceback. The file is
+    appended to (its folder made if missing); for a URI `path` the log is kept in a local
+    temporary file and uploaded when the context closes. Ray is not imported here: whether
+    its workers may use Ray's uv hook is decided when it is (`pools.connect_ray`)."""
     from factory.store import open_location, put_atomic
 
     uri = "://" in path
@@ -43,9 +41,6 @@ def ray_logs_to(path: str):
     for lg in loggers:
         lg.handlers = [h for h in lg.handlers if isinstance(h, logging.FileHandler)] + [handler]
         lg.propagate = False
-    ctx = DataContext.get_current()
-    bars = (ctx.enable_progress_bars, ctx.print_on_execution_start)
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     sys.stderr.flush()
     real_fd = os.dup(2)
     console = os.fdopen(os.dup(real_fd), "w", buffering=1)
@@ -66,7 +61,6 @@ def ray_logs_to(path: str):
         for h, stream in moved:
             h.setStream(stream)
         console.close()
-        ctx.enable_progress_bars, ctx.print_on_execution_start = bars
         for lg, handlers, propagate in saved:
             lg.handlers, lg.propagate = handlers, propagate
         handler.close()
@@ -93,6 +87,7 @@ class StageCounter:
         self.rows: dict[str, int] = {}
         self.warming_up: dict[str, int] = {}  # stage -> actors still warming up
         self.warm_up_s: dict[str, list[float]] = {}  # stage -> each ready actor's warm-up
+        self.actors: dict[str, list[dict]] = {}  # stage -> what each ready actor got
         self.failures: list[tuple[str, list[int], str]] = []  # (stage, sample indices, error)
         self.skips: list[dict] = []  # {"stage", "index", "error", "traceback"}, in arrival order
 
@@ -102,9 +97,16 @@ class StageCounter:
     def warming(self, stage: str) -> None:
         self.warming_up[stage] = self.warming_up.get(stage, 0) + 1
 
-    def warmed(self, stage: str, seconds: float) -> None:
+    def warmed(self, stage: str, seconds: float, got: dict | None = None) -> None:
+        """An actor is ready after `seconds` of warm-up; `got`: its node, device, GPU ids and
+        precision."""
         self.warming_up[stage] -= 1
         self.warm_up_s.setdefault(stage, []).append(seconds)
+        if got is not None:
+            self.actors.setdefault(stage, []).append(got)
+
+    def ready_actors(self) -> dict[str, list[dict]]:
+        return {k: list(v) for k, v in self.actors.items()}
 
     def fail(self, stage: str, indices: list[int], error: str) -> None:
         self.failures.append((stage, indices, error))
@@ -146,8 +148,10 @@ class Progress:
         self.drawn = 0  # lines on screen to rewrite (terminal only)
 
     def lines(self, done: dict[str, int], warming: dict[str, int] | None = None,
-              warm_up_s: dict[str, list[float]] | None = None) -> list[str]:
-        """`warming`: actors of a stage still warming up; `warm_up_s`: the finished warm-ups."""
+              warm_up_s: dict[str, list[float]] | None = None,
+              notes: list[str] = ()) -> list[str]:
+        """`warming`: actors of a stage still warming up; `warm_up_s`: the finished warm-ups;
+        `notes`: lines to show under the stages (what the run waits for)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = []
         for key, label in self.labels.items():
@@ -161,20 +165,22 @@ class Progress:
             elif (warm_up_s or {}).get(key):
                 line += f"  warm-up {max(warm_up_s[key]):.0f} s"
             out.append(line)
-        return out
+        return out + list(notes)
 
     def due(self) -> bool:
         return time.perf_counter() - self.shown >= (1.0 if self.tty else self.interval)
 
     def show(self, done: dict[str, int], warming: dict[str, int] | None = None,
-             warm_up_s: dict[str, list[float]] | None = None) -> None:
+             warm_up_s: dict[str, list[float]] | None = None, notes: list[str] = ()) -> None:
         self.shown = time.perf_counter()
-        lines = self.lines(done, warming, warm_up_s)
+        lines = self.lines(done, warming, warm_up_s, notes)
         if self.tty:
             up = f"\x1b[{self.drawn}F" if self.drawn else ""
-            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines))
+            gone = max(self.drawn - len(lines), 0)  # a note that went away: clear its line
+            self.stream.write(up + "".join(f"\x1b[2K{line}\n" for line in lines)
+                              + "\x1b[2K\n" * gone)
             self.stream.flush()
-            self.drawn = len(lines)
+            self.drawn = len(lines) + gone
         else:
             for line in lines:
                 log.info(line)

@@ -8,3 +8,16 @@ class FactoryError(Exception):
 class RunFailure(FactoryError):
     """A run that failed at work (a stage that kept raising, an output that cannot be written):
     one line too, but its folder and log stay, for the traceback and the rerun."""
+
+
+class StoreError(ValueError):
+    """An output folder that cannot be used for this run."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: the command stops its Ray work and exits 130 with this one line. A
+    BaseException, as KeyboardInterrupt, so that no `except Exception` swallows it, but not a
+    KeyboardInterrupt, which click would turn into an Abort and a blank line."""
+
+    def __init__(self, message: str = "interrupted; rerun the same command to finish") -> None:
+        super().__init__(message)

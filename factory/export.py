@@ -26,9 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
-from pycocotools import mask as mask_utils
 
-from actors.tokenizer import clip_tokenizer
 from factory.schema import IGNORE, decode_label, decode_masks, decode_png
 from factory.store import DATA, MANIFEST, ShardStore
 from factory.vocab import check_class_names
@@ -60,14 +58,16 @@ def export(root: str, fmt: str, out: str) -> ExportResult:
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose one of "
                           f"{', '.join(EXPORT_FORMATS)}")
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ExportError(f"{out!r} exists and is not an empty folder")
     store = ShardStore.open(root)
+    from actors.tokenizer import clip_tokenizer  # transformers: after the cheap checks
+
     try:
         check_class_names((c["name"] for c in store.categories), tokenizer=clip_tokenizer())
     except ValueError as e:
         raise ExportError(f"the manifest of {root!r} names classes badly: {e}") from None
-    out = os.path.abspath(out)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ExportError(f"{out!r} exists and is not an empty folder")
     if fmt == "voc":
         _check_voc_ids(store.categories)
     parent = os.path.dirname(out)
@@ -97,6 +97,8 @@ def _name(index: int) -> str:
 
 
 def _write_coco(store: ShardStore, tmp: str) -> tuple[int, int | None]:
+    from pycocotools import mask as mask_utils
+
     os.makedirs(os.path.join(tmp, "images"))
     images, annotations = [], []
     columns = ["index", "image", "height", "width", "class_ids", "masks"]
@@ -190,7 +192,8 @@ def _write_voc(store: ShardStore, tmp: str) -> tuple[int, int | None]:
 
 
 def _write_parquet(store: ShardStore, tmp: str) -> tuple[int, int | None]:
-    shutil.copy2(os.path.join(store.root, MANIFEST), os.path.join(tmp, MANIFEST))
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(store.manifest, f, indent=2)  # with the records written since compaction
     os.makedirs(os.path.join(tmp, DATA))
     paths = store.shard_paths()
     rows = 0

@@ -77,6 +77,29 @@ def write_pairs(path: str, counts: collections.Counter, vocab: Vocabulary, sourc
     return len(kept)
 
 
+def make_pairs(out: str, coco_json: str | None = None, voc_root: str | None = None,
+               voc_image_set: str = "Segmentation/trainval", split: str | None = None,
+               min_count: int = 1) -> tuple[int, int, str]:
+    """`factory pairs`: count the co-appearing pairs of a COCO instances file or a VOC folder
+    and write them to `out`; returns (pairs, images, vocabulary). ValueError names bad input."""
+    from factory.vocab import VOCABULARIES
+
+    if (coco_json is None) == (voc_root is None):
+        raise ValueError("give exactly one of --coco FILE and --voc DIR")
+    if min_count < 1:
+        raise ValueError(f"min count must be >= 1, got {min_count}")
+    split = split or ("coco" if coco_json else "pascal")
+    if split not in VOCABULARIES:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(VOCABULARIES)}")
+    try:
+        images = coco_images(coco_json) if coco_json else voc_images(voc_root, voc_image_set)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read annotations: {e}") from None
+    n = write_pairs(out, count_pairs(images, VOCABULARIES[split]), VOCABULARIES[split],
+                    source=coco_json or voc_root, min_count=min_count)
+    return n, len(images), split
+
+
 def read_pairs(path: str, vocab: Vocabulary, tokenizer=None) -> tuple[tuple[str, str], ...]:
     """The pairs of a pairs file (UTF-8, a byte-order mark allowed), checked against `vocab` and
     by `check_class_names` (with `tokenizer`, their prompts' lengths too; ValueError names what

@@ -10,6 +10,7 @@ both, and its GPUs are shared. `auto` pools start at one actor per slot the clus
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,23 +21,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from factory.errors import FactoryError
+from factory.speeds import MeasuredSpeeds
 
 log = logging.getLogger(__name__)
 
 STAGE_RESOURCES = {"generator": "gen", "labeller": "label"}  # custom resource of each pool kind
 STAGE_CPUS = 0.25  # CPU reservation per actor/task: GPU stages need little, and a 2-core machine
 # must fit two actor pools plus the spec, row and write tasks without deadlocking.
-PLACEMENT_TIMEOUT = {"cluster": 600.0, "local": 10.0}  # seconds a pool may wait to be placed
+# seconds a pool may wait to be placed: a cold GPU node on an autoscaling cluster boots and
+# installs its environment first (10-20 minutes on AWS)
+PLACEMENT_TIMEOUT = {"cluster": 1800.0, "local": 10.0}
 STAGE_ATTEMPTS = 2  # tries of a work unit in a stage before the run stops
 LABEL_SHARE = 0.2  # GPU share of a labeller on a node that also runs generators; they get the rest
-# Measured stage speeds (images/s), whose ratios size `auto` labeller pools.
-IMAGES_PER_S = {
-    # SDGenerator, SD 1.5 sizes, bf16, compiled, batch 16, one H200
-    # (../shared/measurements/h200-2026-11-27)
-    "sd generator": 4.41,
-    "grounding head": 126.0,  # GroundingLabeller at batch 32, one H200 (same measurements)
-    "mask r-cnn": 17.0,  # torchvision Mask R-CNN v2 at batch 8, one H100 (DESIGN.md's anchor)
-}
+# Measured stage speeds (images/s: "sd generator", "grounding head", "mask r-cnn"), whose
+# ratios size `auto` labeller pools: read from the benchmark results committed under
+# benchmarks/results/ (factory/speeds.py says which file and card; `python -m factory.speeds`).
+IMAGES_PER_S = MeasuredSpeeds()
 HOW_TO_START = {
     "gen": "start generator nodes with `ray start --address=HEAD:6379 --resources='{\"gen\": N}'`"
            " (N = their GPUs), or give cluster.yaml a node type with resources {gen: N, GPU: N}",
@@ -49,16 +49,24 @@ HOW_TO_START = {
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray with one `gen` and one `label` slot
     per GPU (one each on a CPU-only machine). Ray's own logging is left to
-    `console.ray_logs_to`; the workers' output stays in Ray's log folder, off the console."""
+    `console.ray_logs_to`; the workers' output stays in Ray's log folder, off the console, and
+    Ray Data draws no progress bars (the run's progress lines are its own)."""
     if address:
         check_reachable(address)
     else:
         # Local workers share this interpreter. Ray's `uv run` hook (meant for clusters, read
-        # when ray is first imported) would instead copy the working folder, outputs and all,
-        # and build a virtual environment from it for every session.
+        # when ray is first imported: so nothing may import ray before this) would instead
+        # start every worker through `uv run` again.
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        # Every worker imports torch and diffusers: let them cache the bytecode they compile
+        # (the first worker's imports take 13 s from source on 2 cores, later ones 6 s), even
+        # where the shell asks Python not to write .pyc files.
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     import ray
+    from ray.data import DataContext
 
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
     if ray.is_initialized():
         return
     quiet = dict(configure_logging=False, log_to_driver=False)
@@ -90,14 +98,16 @@ def check_reachable(address: str) -> None:
 
 @dataclass(frozen=True)
 class ClusterView:
-    """What the pools can use: stage slots and GPUs now, and what an autoscaler may add."""
+    """What the pools can use: stage slots and GPUs now, what an autoscaler may add, and the
+    resources of each kind of node (live nodes and the autoscaler's node types, which on a cold
+    cluster are all there is to go by)."""
 
     slots: dict[str, int]  # resource -> units on live nodes now
     max_slots: dict[str, int]  # resource -> units the autoscaler can reach (>= slots)
     autoscaled: bool  # False: a fixed cluster, which only hand-started nodes may join
     gpus: float
     max_gpus: float  # GPUs the autoscaler can reach (>= gpus)
-    shared: bool  # a node carries both `gen` and `label`: labellers share its GPUs
+    node_types: tuple[dict[str, float], ...]  # resources of each live node and node type
 
     @classmethod
     def current(cls) -> ClusterView:
@@ -106,24 +116,72 @@ class ClusterView:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         slots = {r: int(sum(n.get(r, 0) for n in nodes)) for r in ("gen", "label")}
         gpus = sum(n.get("GPU", 0) for n in nodes)
-        most = autoscaler_max_resources()
+        most, types = autoscaler_config()
         return cls(slots=slots,
                    max_slots={r: max(slots[r], int(most.get(r, 0))) for r in slots},
                    autoscaled=bool(most),
                    gpus=gpus, max_gpus=max(gpus, most.get("GPU", 0)),
-                   shared=any(n.get("gen", 0) and n.get("label", 0) for n in nodes))
+                   node_types=tuple(nodes) + types)
+
+    def gpu_share(self, kind: str, both: bool) -> float:
+        """GPUs per actor of a pool: what a node offering the pool's resource has per slot
+        (0 where no such node has a GPU); where one node offers both stage resources and both
+        pools run, the labellers take LABEL_SHARE of a GPU and the generators the rest."""
+        res = STAGE_RESOURCES[kind]
+        with_gpu = [t for t in self.node_types if t.get(res, 0) > 0 and t.get("GPU", 0) > 0]
+        if not with_gpu:
+            return 0.0
+        if both and any(t.get("gen", 0) and t.get("label", 0) for t in with_gpu):
+            return LABEL_SHARE if kind == "labeller" else 1 - LABEL_SHARE
+        return min(1.0, min(t["GPU"] / t[res] for t in with_gpu))
 
 
-def autoscaler_max_resources() -> dict[str, int]:
-    """The most of each resource the cluster's autoscaler config allows (empty without an
-    autoscaler). Ray Train and Ray Data read the same figure to tell whether a request can ever
-    be placed; it is not public API, so any failure reads as "no autoscaler"."""
+# Where `ray up` leaves the autoscaler's config on the head, where jobs' drivers run; Ray's
+# default (v1) autoscaler tells the rest of the cluster nothing of it
+AUTOSCALING_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def autoscaler_config() -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
+    """The most of each resource the cluster's autoscaler may reach, and the resources of each
+    of its worker node types (both empty without an autoscaler): from the GCS where the
+    autoscaler publishes its config there (v2, as Ray Train and Ray Data read it), else from
+    the config file the head's autoscaler reads ($FACTORY_AUTOSCALING_CONFIG, else
+    AUTOSCALING_CONFIG). Neither is public API, so a failure reads as "no autoscaler"."""
     try:
         import ray._private.state
 
-        return ray._private.state.state.get_max_resources_from_cluster_config() or {}
+        state = ray._private.state.state
+        config = state.get_cluster_config()
+        if config and config.node_group_configs:
+            types = tuple(dict(g.resources) for g in config.node_group_configs)
+            return state.get_max_resources_from_cluster_config() or {}, types
     except Exception:  # noqa: BLE001 - an internal API: no answer means no autoscaler
-        return {}
+        pass
+    return _autoscaler_config_file(os.path.expanduser(
+        os.environ.get("FACTORY_AUTOSCALING_CONFIG", AUTOSCALING_CONFIG)))
+
+
+def _autoscaler_config_file(path: str) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
+    """What `autoscaler_config` returns, from a cluster config file (cluster.yaml's format)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        node_types = config["available_node_types"]
+        head = config.get("head_node_type")
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return {}, ()
+    most: dict[str, float] = {}
+    types = []
+    for name, t in node_types.items():
+        res = dict(t.get("resources") or {})
+        count = 1 if name == head else int(t.get("max_workers", 0))
+        for r, v in res.items():
+            most[r] = most.get(r, 0) + v * count
+        if name != head and count:
+            types.append(res)
+    return most, tuple(types)
 
 
 @dataclass(frozen=True)
@@ -147,6 +205,10 @@ class Pool:
     def bundle(self) -> dict[str, float]:
         """What one actor reserves."""
         return {"CPU": STAGE_CPUS, self.resource: 1, **({"GPU": self.gpus} if self.gpus else {})}
+
+    def device(self, option: str | None) -> str:
+        """Where the pool's stages compute: `--device`, else CUDA where it has GPUs."""
+        return option or ("cuda" if self.gpus > 0 else "cpu")
 
     def ray_args(self) -> dict:
         """`map_batches` arguments that place and size the pool."""
@@ -207,11 +269,7 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
     share = {"generator": gen_gpus, "labeller": label_gpus}
     out = {}
     for kind, (low, high) in sizes.items():
-        gpus = share[kind]
-        if gpus is None:
-            gpus = 0.0 if not view.gpus else (
-                (LABEL_SHARE if kind == "labeller" else 1 - LABEL_SHARE)
-                if view.shared and both else 1.0)
+        gpus = view.gpu_share(kind, both) if share[kind] is None else share[kind]
         out[kind] = Pool(kind, low, high, gpus)
         res = STAGE_RESOURCES[kind]
         if low > view.max_slots[res]:
@@ -221,6 +279,35 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
     if need > view.max_gpus + 1e-9:
         raise FactoryError(f"the pools need {need:g} GPUs, but the cluster has {view.max_gpus:g}: "
                            "use fewer actors or smaller --gen-gpus/--label-gpus")
+    return out
+
+
+@contextlib.contextmanager
+def autoscaler_demand(pools: dict[str, Pool], autoscaled: bool):
+    """While open, ask an autoscaler for every pool's largest size in bundles that carry the
+    stage resource, so that it launches the node types the stages need (Ray Data's own
+    requests name only CPUs, GPUs and memory, which any GPU node type meets)."""
+    if not autoscaled:
+        yield
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[p.bundle() for p in pools.values() for _ in range(p.max_size)])
+    try:
+        yield
+    finally:
+        request_resources(bundles=[])
+
+
+def waiting_for(pools: dict[str, Pool], live: dict[str, float]) -> list[str]:
+    """What the pools still wait for on an autoscaling cluster: a line per stage resource short
+    of the pool's largest size (`live`: the resources of the live nodes)."""
+    out = []
+    for p in pools.values():
+        short = p.max_size - int(live.get(p.resource, 0))
+        if short > 0:
+            out.append(f"waiting for {short} more {p.resource!r} slot(s) (autoscaler "
+                       "launching nodes)")
     return out
 
 
@@ -302,25 +389,51 @@ class PoolStage:
     A unit that raises is tried again; if it fails again, the run stops (StageFailure), unless
     `skip_failed`: then each of its samples is tried alone, and those that still raise are left
     out of the output and told to the progress counter (`StageCounter.skip`), which the driver
-    reads to record them (`--max-failed-samples`)."""
+    reads to record them (`--max-failed-samples`).
+
+    `device` is where the stage computes ("cuda" or "cpu", as the driver resolved it): an
+    actor that should compute on CUDA but sees no CUDA device stops the run, naming its node
+    and GPUs, rather than fall back to the CPU. `rows` ((function, kwargs)) turns the outputs
+    into rows of the store inside the actor, next to the data (the last stage)."""
 
     def __init__(self, stage: type, kwargs: dict, batch_size: int, name: str,
-                 progress=None, skip_failed: bool = False) -> None:
+                 progress=None, skip_failed: bool = False, device: str = "cpu",
+                 rows: tuple | None = None) -> None:
         import ray
 
+        ctx = ray.get_runtime_context()
+        self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
+        self.name, self.progress = name, progress
         if progress is not None:
             progress.warming.remote(name)
-        self.stage = stage(**kwargs)
+        if device == "cuda":
+            self._check_cuda(ray.get_gpu_ids())
+        self.stage = stage(**kwargs, device=device)
         # a compile (or any first-call cost) is paid here, shown as warm-up, not as a slow batch
         warm = self.stage.warm_up() if hasattr(self.stage, "warm_up") else 0.0
         self.batch_size = batch_size
-        self.name = name
-        self.progress = progress
         self.skip_failed = skip_failed
+        self.rows = rows
         if progress is not None:
-            progress.warmed.remote(name, warm)
-        ctx = ray.get_runtime_context()
-        self.node, self.actor = ctx.get_node_id(), ctx.get_actor_id()
+            progress.warmed.remote(name, warm, {
+                "node": self.node, "device": device, "gpu_ids": [str(g) for g in
+                                                                 ray.get_gpu_ids()],
+                "precision": getattr(self.stage, "precision", None)})
+
+    def _check_cuda(self, gpu_ids: list) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        error = (f"an actor on node {self.node[:12]} was given GPU(s) "
+                 f"{', '.join(map(str, gpu_ids)) or 'none'} but sees no CUDA device (is its "
+                 f"NVIDIA driver missing, or older than the locked torch {torch.__version__} "
+                 "needs?); pass --device cpu to compute on the CPU on purpose")
+        if self.progress is not None:
+            import ray
+
+            ray.get(self.progress.fail.remote(self.name, [], error))
+        raise RuntimeError(error)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.time()
@@ -335,6 +448,9 @@ class PoolStage:
                                                  else np.float64)
         if self.progress is not None:
             self.progress.add.remote(self.name, n)
+        if self.rows is not None and m:  # no rows (all skipped): Ray Data drops the block
+            to_rows, kwargs = self.rows
+            return to_rows(out, **kwargs)
         return out
 
     def _run(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -411,8 +527,10 @@ class StageFailure(Exception):
 
     def __str__(self) -> str:
         first = self.error.strip().splitlines()[0] if self.error.strip() else "?"
+        if not self.indices:  # before its first unit
+            return f"the {self.stage} stage could not start: {first}"
         where = (f"samples {self.indices[0]}-{self.indices[-1]}" if len(self.indices) > 1
-                 else f"sample {self.indices[0]}" if self.indices else "a unit")
+                 else f"sample {self.indices[0]}")
         return f"the {self.stage} stage failed on {where} ({first})"
 
 

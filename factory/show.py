@@ -7,6 +7,7 @@ import colorsys
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -51,26 +52,33 @@ def _samples(store: ShardStore, classes: set[str] | None, n: int) -> Iterator[di
                         return
 
 
-def _fit(image: Image.Image, tile: int, resample: Image.Resampling) -> Image.Image:
+def fit(image: Image.Image, tile: int, resample: Image.Resampling) -> Image.Image:
     """Scaled so its longer side is `tile` px."""
     w, h = image.size
     s = tile / max(w, h)
     return image.resize((max(1, round(w * s)), max(1, round(h * s))), resample)
 
 
-def _draw_tile(row: dict, colours: dict[str, tuple[int, int, int]], tile: int,
-               font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> Image.Image:
-    """One sample at `tile` px: masks tinted in their class colours, ignore pixels grey, the
-    class names at the top and the prompt at the bottom."""
-    image = np.array(_fit(Image.fromarray(decode_png(row["image"])), tile,
-                          Image.Resampling.BILINEAR))                       # (h, w, 3)
-    size = image.shape[1], image.shape[0]
+def overlay_layers(row: dict, colours: dict[str, tuple[int, int, int]]
+                   ) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+    """What is tinted over a sample's image, in drawing order: each class mask (H, W) bool in
+    its class colour, then (segmentation rows) the ignore pixels in grey."""
     masks = decode_masks(row["masks"], row["height"], row["width"])         # (K, H, W)
     layers = [(m, colours[c]) for m, c in zip(masks, row["classes"], strict=True)]
     if "label" in row:
         layers.append((decode_label(row["label"]) == IGNORE, IGNORE_GREY))
-    for mask, colour in layers:
-        small = np.array(_fit(Image.fromarray(mask), tile, Image.Resampling.NEAREST))
+    return layers
+
+
+def _draw_tile(row: dict, colours: dict[str, tuple[int, int, int]], tile: int,
+               font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> Image.Image:
+    """One sample at `tile` px: masks tinted in their class colours, ignore pixels grey, the
+    class names at the top and the prompt at the bottom."""
+    image = np.array(fit(Image.fromarray(decode_png(row["image"])), tile,
+                         Image.Resampling.BILINEAR))                        # (h, w, 3)
+    size = image.shape[1], image.shape[0]
+    for mask, colour in overlay_layers(row, colours):
+        small = np.array(fit(Image.fromarray(mask), tile, Image.Resampling.NEAREST))
         image[small] = blend(image[small], colour)
     canvas = Image.new("RGB", (tile, tile))
     canvas.paste(Image.fromarray(image), ((tile - size[0]) // 2, (tile - size[1]) // 2))
@@ -91,24 +99,31 @@ def _draw_tile(row: dict, colours: dict[str, tuple[int, int, int]], tile: int,
     return canvas
 
 
+@dataclass(frozen=True)
+class Sheet:
+    tiles: int  # samples drawn
+    missing: list[str]  # classes asked for that no sample names
+
+
 def contact_sheet(root: str, out: str, n: int = 16, classes: list[str] | None = None,
-                  tile: int = 256) -> int:
+                  tile: int = 256) -> Sheet:
     """Draw the first `n` samples of the folder `root` (by index; with `classes`, only samples
-    naming one of them) as a grid of `tile`-px tiles, ceil(sqrt(count)) tiles wide, to the PNG
-    `out`. Returns the number of tiles. Raises StoreError if `root` is no factory folder,
-    ShowError for bad n or tile, unknown class names or a folder with no samples."""
+    naming one of them: those the data has, the others listed as missing) as a grid of
+    `tile`-px tiles, ceil(sqrt(count)) tiles wide, to the PNG `out`. Raises StoreError if
+    `root` is no factory folder, ShowError for bad n or tile, class names none of which the
+    data has, or a folder with no samples."""
     if n < 1 or tile < 32:
         raise ShowError(f"need n >= 1 and tile >= 32 px, got n={n}, tile={tile}")
     store = ShardStore.open(root)
-    wanted = None
+    wanted, missing = None, []
     if classes:
         have = {c for cs in store.read(columns=["classes"]).column("classes").to_pylist()
                 for c in cs}
-        unknown = [c for c in classes if c not in have]
-        if unknown:
-            raise ShowError(f"no sample names {', '.join(map(repr, unknown))}; the data has: "
+        missing = [c for c in classes if c not in have]
+        if len(missing) == len(classes):
+            raise ShowError(f"no sample names {', '.join(map(repr, missing))}; the data has: "
                             f"{', '.join(sorted(have)) or 'no samples'}")
-        wanted = set(classes)
+        wanted = set(classes) - set(missing)
     rows = list(_samples(store, wanted, n))
     if not rows:
         raise ShowError(f"{root!r} holds no samples yet")
@@ -123,4 +138,4 @@ def contact_sheet(root: str, out: str, n: int = 16, classes: list[str] | None = 
         sheet.paste(_draw_tile(row, colours, tile, font), ((i % cols) * tile, (i // cols) * tile))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     sheet.save(out, format="PNG")
-    return len(rows)
+    return Sheet(len(rows), missing)

@@ -7,6 +7,8 @@ import collections
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from factory.store import ShardStore
 
@@ -65,29 +67,65 @@ class Stats:
                 or self.per_class.get(n, ClassStats()).samples]
 
 
+PER_CLASS_COLUMNS = ["classes", "areas", "scores", "height", "width"]
+
+
+def stats_columns(kind: str) -> list[str]:
+    """The columns `StatsCounter.add` reads from a store of `kind`."""
+    return PER_CLASS_COLUMNS + (["quality"] if kind == "segmentation" else [])
+
+
+class StatsCounter:
+    """The counts and histograms of `dataset_stats`, added up one table of rows (a shard) at a
+    time, so that memory stays that of one shard however large the folder (histograms over
+    fixed bins add up)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.samples = 0
+        self.per_class: dict[str, ClassStats] = {}
+        self.quality_hist = [0] * BINS if kind == "segmentation" else None
+
+    def add(self, table: pa.Table) -> None:
+        """Count the rows of `table`, which holds at least `stats_columns(kind)`."""
+        fractions, scores = collections.defaultdict(list), collections.defaultdict(list)
+        for classes, areas, row_scores, h, w in zip(
+                *(table.column(c).to_pylist() for c in PER_CLASS_COLUMNS), strict=True):
+            for c, a, sc in zip(classes, areas, row_scores, strict=True):
+                fractions[c].append(a / (h * w))
+                scores[c].append(sc)
+        for c, f in fractions.items():
+            s = self.per_class.setdefault(c, ClassStats())
+            s.samples += len(f)
+            s.empty += sum(x == 0 for x in f)
+            s.area_hist = [a + b for a, b in zip(s.area_hist, histogram(f), strict=True)]
+            s.score_hist = [a + b for a, b in zip(s.score_hist, histogram(scores[c]),
+                                                  strict=True)]
+        if self.quality_hist is not None:
+            self.quality_hist = [a + b for a, b in zip(
+                self.quality_hist, histogram(table.column("quality").to_pylist()), strict=True)]
+        self.samples += table.num_rows
+
+    def stats(self, store: ShardStore, shards_done: int) -> Stats:
+        """The Stats of `store`, whose `shards_done` finished shards were added."""
+        m = store.manifest
+        return Stats(run=m["run"], shards_done=shards_done, num_shards=store.num_shards,
+                     samples=self.samples, pairs_source=m["pairs"]["source"], seen=m["seen"],
+                     unseen=m["unseen"], kind=store.kind, per_class=dict(self.per_class),
+                     dropped=len(store.dropped), failed=len(store.failed),
+                     quality_hist=self.quality_hist)
+
+
 def dataset_stats(root: str) -> Stats:
-    """Counts and histograms of every finished shard of `root`. Raises StoreError if `root` is
-    no factory folder."""
+    """Counts and histograms of every finished shard of `root`, read one at a time. Raises
+    StoreError if `root` is no factory folder."""
     store = ShardStore.open(root)
-    segmentation = store.kind == "segmentation"
-    names = ["classes", "areas", "scores", "height", "width"]
-    table = store.read(columns=names + (["quality"] if segmentation else []))
-    fractions, scores = collections.defaultdict(list), collections.defaultdict(list)
-    for classes, areas, row_scores, h, w in zip(*(table.column(c).to_pylist() for c in names),
-                                                 strict=True):
-        for c, a, sc in zip(classes, areas, row_scores, strict=True):
-            fractions[c].append(a / (h * w))
-            scores[c].append(sc)
-    per_class = {c: ClassStats(samples=len(f), empty=sum(x == 0 for x in f),
-                               area_hist=histogram(f), score_hist=histogram(scores[c]))
-                 for c, f in fractions.items()}
-    m = store.manifest
-    return Stats(run=m["run"], shards_done=len(store.done()), num_shards=store.num_shards,
-                 samples=table.num_rows, pairs_source=m["pairs"]["source"], seen=m["seen"],
-                 unseen=m["unseen"], kind=store.kind, per_class=per_class,
-                 dropped=len(store.dropped), failed=len(store.failed),
-                 quality_hist=(histogram(table.column("quality").to_pylist()) if segmentation
-                               else None))
+    counter = StatsCounter(store.kind)
+    done = store.finished()
+    for k in done:
+        counter.add(pq.read_table(store.layout.shard_file(k), columns=stats_columns(store.kind),
+                                  filesystem=store.layout.fs))
+    return counter.stats(store, len(done))
 
 
 def _made_by(s: Stats) -> str:

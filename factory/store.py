@@ -1,5 +1,7 @@
-"""An output folder: `manifest.json` plus fixed-size Parquet shards in `data/`, each written
-atomically. `data/` holds nothing else, so pandas, Ray Data, DuckDB or HF datasets read it as is.
+"""An output folder: fixed-size Parquet shards in `data/`, each written atomically with its record
+beside it in `records/`, and `manifest.json`, which defines the run and holds every record,
+compacted (factory/manifest.py). `data/` holds nothing but shards, so pandas, Ray Data, DuckDB
+or HF datasets read it as is.
 
 The folder is a local path, a shared mount or a URI that pyarrow's filesystem layer opens
 (`s3://`, `gs://`, `file://`): every node of a Ray cluster writes its shards there itself.
@@ -9,11 +11,10 @@ is written to a hidden temporary file and renamed into place; on an object store
 at its final key, which appears only when complete. Either way a shard file exists only when
 whole; a rerun with the same run arguments writes only the missing shards, and the result is the
 same files as an uninterrupted run. The manifest's `run` block is what defines the data: a rerun
-whose `run` differs is refused rather than mixed in. Its `shards` block records each finished
-shard's rows, bytes, SHA-256 and the Ray node that wrote it: a shard counts as done only while
-its file matches that record (`damaged` checks size and footer on every resume, `verify` the
-checksums), and on a local disk each file is fsynced before its rename. `factory.lock` lets one
-run at a time write the folder.
+whose `run` differs is refused rather than mixed in. A shard's record (rows, bytes, SHA-256, the
+samples it lacks and why, the Ray nodes that made and wrote it) is what the shard is checked
+against (factory/integrity.py); on a local disk each file is fsynced before its rename.
+`factory.lock` lets one run at a time write the folder.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import json
 import logging
 import os
 import posixpath
-import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -34,22 +35,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from factory.errors import StoreError
+from factory.lock import LOCK_FILE, FolderLock
 from factory.schema import SCHEMA_VERSION, SCHEMAS
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DATA = "data"  # shards live here, apart from the manifest
+RECORDS = "records"  # one small JSON record per shard, written right after the shard
 PACKAGES = ("torch", "diffusers", "transformers", "torchvision", "ray", "pyarrow", "pycocotools")
 LOG_FILE = "factory.log"  # Ray's own output during a run (factory/console.py)
-LOCK_FILE = "factory.lock"  # the writing run's host, pid and start time
-TEMP_PREFIX = ".shard-"  # hidden temporary shard files: `.shard-...parquet.tmp-XXXXXXXX`
+TEMP_PREFIX = ".shard-"  # hidden temporary files: `.shard-...parquet.tmp-XXXXXXXX`
 LEFT_OUT = ("dropped", "failed")  # what a shard record lists of the samples it lacks
 LEFT_OUT_KEY = b"factory.left_out"  # the same lists in a shard file's Parquet metadata
-
-
-class StoreError(ValueError):
-    """An output folder that cannot be used for this run."""
+IO_THREADS = 16  # parallel reads of small files (footers, records): an object store's latency
 
 
 def package_versions() -> dict[str, str]:
@@ -75,7 +75,7 @@ def location_root(root: str) -> str:
     return root.rstrip("/") if "://" in root else os.path.abspath(root)
 
 
-def _is_object_store(fs: pafs.FileSystem) -> bool:
+def is_object_store(fs: pafs.FileSystem) -> bool:
     """Object stores have no rename, but a PUT appears whole at its key or not at all."""
     return fs.type_name in ("s3", "gcs")
 
@@ -85,7 +85,7 @@ def put_atomic(fs: pafs.FileSystem, path: str, data) -> None:
     hidden temporary file renamed into place, or one PUT on an object store. On a local disk
     the file is fsynced before the rename and its folder after it, so that a power loss leaves
     the old state or the whole new file, never a truncated one."""
-    if _is_object_store(fs):
+    if is_object_store(fs):
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
@@ -116,85 +116,30 @@ def _write_synced(tmp: str, path: str, data) -> None:
         os.close(fd)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def parallel_map(fn, items) -> list:
+    """`fn` over `items` in threads: many small reads, each mostly waiting on storage."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(IO_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
-class FolderLock:
-    """The one-writer lock of an output folder: `factory.lock` holds the writing run's host, pid
-    and start time, from construction until the context closes. A folder locked by a live run,
-    or by a run on another host (which cannot be checked from here), is refused with a
-    StoreError naming the holder; a lock left by a run that is gone (same host, no such
-    process) is taken over with a notice. On a local disk the file is made with O_EXCL, so two
-    runs starting at once cannot both win; on an object store the check is best effort."""
+def list_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    """The names of the files in `folder` (none if it is missing)."""
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pafs.FileType.File]
 
-    def __init__(self, fs: pafs.FileSystem, path: str, shown: str) -> None:
-        self.fs, self.path, self.shown = fs, path, shown
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.datetime.now(datetime.UTC).isoformat(
-                           timespec="seconds"), "token": uuid.uuid4().hex}
-        if not self._create():
-            held = self._read()
-            if held is not None and not self._gone(held):
-                raise StoreError(
-                    f"{shown!r} is being written by another run: pid {held.get('pid')} on host "
-                    f"{held.get('host')}, since {held.get('started')} ({LOCK_FILE}); wait for "
-                    f"it, or delete {LOCK_FILE} if that run is gone")
-            log.warning("notice: taking over the lock of %s from pid %s on host %s (since %s), "
-                        "which is gone", shown, held and held.get("pid"),
-                        held and held.get("host"), held and held.get("started"))
-            self.fs.delete_file(self.path)
-            if not self._create():
-                raise StoreError(f"{shown!r} was locked by another run meanwhile ({LOCK_FILE})")
 
-    def _create(self) -> bool:
-        data = json.dumps(self.holder).encode("utf-8")
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        if self.fs.get_file_info(self.path).type == pafs.FileType.File:
-            return False
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
-        return True
-
-    def _read(self) -> dict | None:
-        try:
-            with self.fs.open_input_stream(self.path) as f:
-                return json.loads(f.read().decode("utf-8"))
-        except (OSError, ValueError):  # gone meanwhile, or half-written by a crashed run
-            return None
-
-    @staticmethod
-    def _gone(held: dict) -> bool:
-        """Whether the holder is a process of this host that no longer exists."""
-        if held.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(held["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, TypeError, ValueError):
-            return False
-        return False
-
-    def __enter__(self) -> FolderLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if (self._read() or {}).get("token") == self.holder["token"]:
-            self.fs.delete_file(self.path)
+def is_temporary(name: str) -> bool:
+    """A hidden temporary file of `put_atomic`, left by a run that died while writing."""
+    return name.startswith(".") and ".tmp-" in name
 
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """Where a run's shards go and which samples each holds: all a worker needs to write one."""
+    """Where a run's shards and records go and which samples each holds: all a worker needs to
+    write one."""
 
     root: str  # location_root form
     n: int
@@ -208,12 +153,29 @@ class ShardLayout:
     def shard_rows(self, k: int) -> range:
         return range(k * self.shard_size, min((k + 1) * self.shard_size, self.n))
 
+    def shard_of(self, index: int) -> int | None:
+        """The shard of sample `index`, or None past n."""
+        return index // self.shard_size if 0 <= index < self.n else None
+
     @property
     def schema(self) -> pa.Schema:
         return SCHEMAS[self.kind]
 
     def shard_name(self, k: int) -> str:
         return f"shard-{k:05d}-of-{self.num_shards:05d}.parquet"
+
+    def record_name(self, k: int) -> str:
+        return f"shard-{k:05d}-of-{self.num_shards:05d}.json"
+
+    def shard_of_name(self, name: str) -> int | None:
+        """The shard a file of `data/` or `records/` belongs to (None: not one of this run's)."""
+        stem, _, ext = name.partition(".")
+        parts = stem.split("-")
+        if (ext not in ("parquet", "json") or len(parts) != 4 or parts[0] != "shard"
+                or not parts[1].isdigit() or parts[3] != f"{self.num_shards:05d}"):
+            return None
+        k = int(parts[1])
+        return k if k < self.num_shards else None
 
     @functools.cached_property
     def _location(self) -> tuple[pafs.FileSystem, str]:
@@ -223,15 +185,27 @@ class ShardLayout:
     def fs(self) -> pafs.FileSystem:
         return self._location[0]
 
-    def fs_path(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
         """A path inside the output location, as `fs` names it."""
         return posixpath.join(self._location[1], *parts)
 
+    def uri(self, path: str) -> str:
+        """A `path` of `fs` as users and readers without `fs` name it (a URI on an object
+        store, an absolute path on a disk)."""
+        return self.root + path[len(self._location[1]):]
+
+    def shard_file(self, k: int) -> str:
+        return self.path(DATA, self.shard_name(k))
+
+    def record_file(self, k: int) -> str:
+        return self.path(RECORDS, self.record_name(k))
+
     def write(self, k: int, table: pa.Table, dropped: list[int] = (),
-              failed: list[dict] = ()) -> dict:
-        """Write shard k atomically; its rows, the `dropped` indices and the `failed` samples
-        ({"index", "stage", "error"}) must be exactly the shard's sample indices. Returns the
-        shard's record: rows, bytes, sha256, dropped, failed."""
+              failed: list[dict] = (), **info) -> dict:
+        """Write shard k atomically, then its record file; its rows, the `dropped` indices and
+        the `failed` samples ({"index", "stage", "error"}) must be exactly the shard's sample
+        indices. Returns the record: rows, bytes, sha256, dropped, failed and `info` (node,
+        written_at, the nodes that made its rows)."""
         table = table.sort_by("index")
         failed = sorted(failed, key=lambda f: f["index"])
         have = [*table.column("index").to_pylist(), *dropped, *(f["index"] for f in failed)]
@@ -240,27 +214,48 @@ class ShardLayout:
                              f"{table.num_rows} rows, {len(dropped)} dropped and {len(failed)} "
                              "failed")
         left_out = {"dropped": sorted(dropped), "failed": failed}
-        if dropped or failed:  # kept in the file too, for `repair` after a crash
+        if dropped or failed:  # kept in the file too, for a record lost with its writer
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    LEFT_OUT_KEY: json.dumps(left_out)})
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         data = buf.getvalue()
-        put_atomic(self.fs, self.fs_path(DATA, self.shard_name(k)), data)
-        return {"rows": table.num_rows, "bytes": data.size,
-                "sha256": hashlib.sha256(data).hexdigest(), **left_out}
+        put_atomic(self.fs, self.shard_file(k), data)
+        record = {"rows": table.num_rows, "bytes": data.size,
+                  "sha256": hashlib.sha256(data).hexdigest(), **left_out, **info}
+        self.write_record(k, record)
+        return record
+
+    def write_record(self, k: int, record: dict) -> None:
+        put_atomic(self.fs, self.record_file(k), json.dumps(record).encode("utf-8"))
+
+    def read_record(self, k: int) -> dict | None:
+        """Shard k's record file, or None if it is missing or unreadable (a resume rebuilds it
+        from the shard)."""
+        try:
+            with self.fs.open_input_stream(self.record_file(k)) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def record_files(self) -> list[int]:
+        """The shards that have a record file."""
+        names = (self.shard_of_name(n) for n in list_files(self.fs, self.path(RECORDS)))
+        return sorted(k for k in names if k is not None)
 
 
-@dataclass(frozen=True)
 class ShardStore:
-    root: str
-    manifest: dict
+    """An output folder: its layout, its manifest and records, and the shards finished."""
 
-    @functools.cached_property
-    def layout(self) -> ShardLayout:
-        """Made once per store, so that its filesystem (for a URI, a client) is opened once."""
-        run = self.manifest["run"]
-        return ShardLayout(self.root, run["n"], run["shard_size"], run["kind"])
+    def __init__(self, layout: ShardLayout, manifest) -> None:
+        self.layout = layout  # one per store, so that a URI's filesystem client is opened once
+        self.root = layout.root
+        self._manifest = manifest  # factory.manifest.Manifest
+
+    @property
+    def manifest(self) -> dict:
+        """The manifest as JSON data, with the records written since its last compaction."""
+        return self._manifest.data
 
     @property
     def n(self) -> int:
@@ -299,6 +294,13 @@ class ShardStore:
         return [{"id": i, "name": n} for i, n in zip(vocab.ids, vocab.names, strict=True)]
 
     @property
+    def records(self) -> dict[int, dict]:
+        """Each recorded shard's record: rows, bytes, sha256, node (the Ray node that wrote it),
+        generators and labellers (the nodes whose actors made its rows) and written_at (unix
+        seconds). The samples it lacks are under `dropped` and `failed`."""
+        return self._manifest.records
+
+    @property
     def dropped(self) -> list[int]:
         """Indices of samples left out of finished shards on purpose (`label --min-quality`)."""
         return sorted(i for v in self.manifest.get("dropped", {}).values() for i in v)
@@ -311,42 +313,31 @@ class ShardStore:
                       key=lambda f: f["index"])
 
     @property
-    def shards(self) -> dict[int, dict]:
-        """The manifest's record of each finished shard: rows, bytes, sha256, node (the Ray node
-        that wrote it), generators and labellers (the nodes whose actors made its rows) and
-        written_at (unix seconds)."""
-        return {int(k): v for k, v in self.manifest.get("shards", {}).items()}
-
-    @property
     def data_dir(self) -> str:
-        return self._join(DATA)
-
-    def _join(self, *parts: str) -> str:
-        if "://" in self.root:
-            return "/".join((self.root, *parts))
-        return os.path.join(self.root, *parts)
+        return self.layout.uri(self.layout.path(DATA))
 
     def shard_path(self, k: int) -> str:
-        return self._join(DATA, self.layout.shard_name(k))
+        return self.layout.uri(self.layout.shard_file(k))
 
     @property
     def log_path(self) -> str:
-        return self._join(LOG_FILE)
+        return self.layout.uri(self.layout.path(LOG_FILE))
 
-    def _data_files(self) -> list[str]:
+    def finished(self) -> list[int]:
+        """The finished shards: those whose file is in `data/` (a shard file exists only
+        whole)."""
         layout = self.layout
-        infos = layout.fs.get_file_info(pafs.FileSelector(layout.fs_path(DATA),
-                                                          allow_not_found=True))
-        return [i.base_name for i in infos if i.type == pafs.FileType.File]
+        names = (layout.shard_of_name(n) for n in list_files(layout.fs, layout.path(DATA)))
+        return sorted(k for k in names if k is not None)
 
-    def done(self) -> list[int]:
-        names = set(self._data_files())
-        return [k for k in range(self.num_shards) if self.layout.shard_name(k) in names]
+    def todo(self) -> list[int]:
+        done = set(self.finished())
+        return [k for k in range(self.num_shards) if k not in done]
 
-    def finished(self, allow_partial: bool, command: str) -> list[int]:
+    def check_finished(self, allow_partial: bool, command: str) -> list[int]:
         """The finished shards, for a job that trains on them: ValueError if there is none, or
         if the run is unfinished and not `allow_partial` (`command` is the one to run again)."""
-        done = self.done()
+        done = self.finished()
         if not done:
             raise ValueError(f"{self.root!r} holds no finished shard yet")
         if len(done) < self.num_shards and not allow_partial:
@@ -356,161 +347,73 @@ class ShardStore:
                              "the finished shards")
         return done
 
-    def todo(self) -> list[int]:
-        done = set(self.done())
-        return [k for k in range(self.num_shards) if k not in done]
-
     def shard_paths(self) -> list[str]:
-        return [self.shard_path(k) for k in self.done()]
+        return [self.shard_path(k) for k in self.finished()]
 
     def write_shard(self, k: int, table: pa.Table, dropped: list[int] = ()) -> str:
         """Write shard k atomically from this process and record it (see ShardLayout.write)."""
-        self.record_shards({k: self.layout.write(k, table, dropped)})
+        self.add_records({k: self.layout.write(k, table, dropped)})
+        self.compact()
         return self.shard_path(k)
 
-    def record_shards(self, records: dict[int, dict]) -> None:
-        """Enter finished shards in the manifest: their records, and their dropped and failed
-        samples under `dropped` and `failed` (by shard, with `dropped_count` and
-        `failed_count`)."""
-        shards = self.manifest.setdefault("shards", {})
-        for k, record in records.items():
-            record = dict(record)
-            lost = {key: record.pop(key, []) for key in LEFT_OUT}
-            self._set_left_out(k, lost)
-            shards[str(k)] = record
-        self._write_manifest()
+    def add_records(self, records: dict[int, dict]) -> None:
+        """Enter shard records (their files are written) in the manifest, to be compacted."""
+        self._manifest.add(records)
 
-    def _set_left_out(self, k: int, lost: dict[str, list]) -> None:
-        """Set shard k's dropped and failed samples (none where `lost` has none), and the
-        counts."""
-        for key in LEFT_OUT:
-            per_shard = self.manifest.setdefault(key, {})
-            if lost.get(key):
-                per_shard[str(k)] = list(lost[key])
-            else:
-                per_shard.pop(str(k), None)
-            self.manifest[f"{key}_count"] = sum(len(v) for v in per_shard.values())
+    def forget(self, shards) -> None:
+        """Remove the records of `shards` (file and manifest entry): they are to be made
+        again."""
+        layout = self.layout
+        for k in shards:
+            if layout.fs.get_file_info(layout.record_file(k)).type == pafs.FileType.File:
+                layout.fs.delete_file(layout.record_file(k))
+        self._manifest.remove(shards)
+
+    def compact(self, force: bool = True) -> bool:
+        """Write manifest.json with every record (unless not `force` and not yet due: see
+        Manifest.due). Returns whether it was written."""
+        return self._manifest.compact(force)
 
     def record(self, key: str, value) -> None:
         """Set a top-level manifest entry (e.g. the resolved run) and write the manifest."""
         self.manifest[key] = value
-        self._write_manifest()
-
-    def repair(self) -> int:
-        """Record the finished shards a crash between writing a shard and updating the manifest
-        left unrecorded (also the shards of folders made before shards were recorded): rows,
-        bytes and checksum from the file, dropped and failed samples from its metadata (files
-        without it: every missing index as dropped). Returns how many shards were mended."""
-        known = self.shards
-        layout = self.layout
-        records = {}
-        for k in self.done():
-            if k in known:
-                continue
-            with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
-                data = f.read()
-            table = pq.read_table(pa.BufferReader(data), columns=["index"])
-            left_out = (table.schema.metadata or {}).get(LEFT_OUT_KEY)
-            lost = json.loads(left_out) if left_out else {"dropped": sorted(
-                set(self.shard_rows(k)) - set(table.column("index").to_pylist()))}
-            records[k] = {"rows": table.num_rows, "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest(), "node": None, **lost}
-        if records:
-            self.record_shards(records)
-        return len(records)
+        self.compact()
 
     def lock(self) -> FolderLock:
         """Take the folder's one-writer lock (see FolderLock); use it as a context."""
-        layout = self.layout
-        return FolderLock(layout.fs, layout.fs_path(LOCK_FILE), self.root)
-
-    def damaged(self) -> dict[int, str]:
-        """Finished shards that do not match what the manifest recorded when they were written,
-        checked cheaply: the file's size and its Parquet footer's row count (a truncated or
-        empty file has no footer). {shard: what is wrong}. Unrecorded shards are checked for a
-        readable footer only (`repair` records them)."""
-        layout, known, bad = self.layout, self.shards, {}
-        for k in self.done():
-            path = layout.fs_path(DATA, layout.shard_name(k))
-            size = layout.fs.get_file_info(path).size
-            try:
-                with layout.fs.open_input_file(path) as f:
-                    rows = pq.ParquetFile(f).metadata.num_rows
-            except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError
-                bad[k] = f"unreadable, {size} bytes: {_first_line(e)}"
-                continue
-            record = known.get(k)
-            if record is not None and size != record["bytes"]:
-                bad[k] = f"{size} bytes, the manifest recorded {record['bytes']}"
-            elif record is not None and rows != record["rows"]:
-                bad[k] = f"{rows} rows, the manifest recorded {record['rows']}"
-        return bad
-
-    def verify(self) -> dict[int, str]:
-        """Every shard checked against the manifest in full: the cheap checks of `damaged`, then
-        each file read whole against its recorded SHA-256; recorded shards whose file is gone
-        and finished shards never recorded count as bad too. {shard: what is wrong}."""
-        layout, known = self.layout, self.shards
-        bad = self.damaged()
-        done = set(self.done())
-        for k in sorted(done - set(bad)):
-            if k not in known:
-                bad[k] = "not recorded in the manifest"
-                continue
-            with layout.fs.open_input_file(layout.fs_path(DATA, layout.shard_name(k))) as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if digest != known[k]["sha256"]:
-                bad[k] = "its SHA-256 differs from the manifest's"
-        for k in sorted(set(known) - done):
-            bad[k] = "recorded in the manifest, but its file is missing"
-        return dict(sorted(bad.items()))
-
-    def redo(self, shards) -> None:
-        """Delete the files and records of `shards` (damaged ones), so the run makes them
-        again."""
-        layout = self.layout
-        for k in shards:
-            path = layout.fs_path(DATA, layout.shard_name(k))
-            if layout.fs.get_file_info(path).type == pafs.FileType.File:
-                layout.fs.delete_file(path)
-            self.manifest.get("shards", {}).pop(str(k), None)
-            self._set_left_out(k, {})
-        self._write_manifest()
-
-    def _write_manifest(self) -> None:
-        layout = self.layout
-        put_atomic(layout.fs, layout.fs_path(MANIFEST),
-                   json.dumps(self.manifest, indent=2).encode("utf-8"))
-
-    def remove_partial(self) -> int:
-        """Delete temporary files a crashed run left behind; returns how many."""
-        stale = [n for n in self._data_files() if n.startswith(TEMP_PREFIX) and ".tmp-" in n]
-        for name in stale:
-            self.layout.fs.delete_file(self.layout.fs_path(DATA, name))
-        return len(stale)
+        return FolderLock(self.layout.fs, self.layout.path(LOCK_FILE), self.root)
 
     @classmethod
     def open(cls, root: str) -> ShardStore:
-        """An existing output folder (for reading)."""
+        """An existing output folder, with the records written since its manifest was last
+        compacted."""
+        from factory.manifest import Manifest
+
         fs, base = open_location(root)
         path = posixpath.join(base, MANIFEST)
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise StoreError(f"{root!r} is not a factory output folder (no {MANIFEST})")
         try:
             with fs.open_input_stream(path) as f:
-                manifest = json.loads(f.read().decode("utf-8"))
+                data = json.loads(f.read().decode("utf-8"))
         except (OSError, ValueError) as e:
             raise StoreError(f"cannot read {root}/{MANIFEST}: {e}") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{root!r} has schema version {manifest.get('schema_version')}; "
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{root!r} has schema version {data.get('schema_version')}; "
                              f"this factory reads version {SCHEMA_VERSION}")
-        return cls(location_root(root), manifest)
+        run = data["run"]
+        layout = ShardLayout(location_root(root), run["n"], run["shard_size"], run["kind"])
+        store = cls(layout, Manifest(layout, data))
+        store._manifest.load_records()
+        return store
 
     @classmethod
     def plan(cls, root: str, run: dict, **info) -> ShardStore:
         """The store for `run`, writing nothing yet: an earlier run of the same arguments (to
         resume), or a new one for an empty or absent folder, which `create` makes. `info`
         (models, pairs, ...) is recorded in a new manifest, not compared."""
+        from factory.manifest import Manifest
+
         fs, base = open_location(root)
         if fs.get_file_info(posixpath.join(base, MANIFEST)).type == pafs.FileType.File:
             store = cls.open(root)
@@ -526,38 +429,40 @@ class ShardStore:
                 kind == pafs.FileType.Directory
                 and fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))):
             raise StoreError(f"{root!r} exists and is not an empty folder or a factory output")
-        manifest = {
+        data = {
             "schema_version": SCHEMA_VERSION,
             "run": run,
             **info,
             "packages": package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        return cls(location_root(root), manifest)
+        layout = ShardLayout(location_root(root), run["n"], run["shard_size"], run["kind"])
+        return cls(layout, Manifest(layout, data))
 
     @property
     def exists(self) -> bool:
         """Whether the folder holds this run's manifest yet."""
         layout = self.layout
-        return layout.fs.get_file_info(layout.fs_path(MANIFEST)).type == pafs.FileType.File
+        return layout.fs.get_file_info(layout.path(MANIFEST)).type == pafs.FileType.File
 
     def create(self) -> None:
-        """Make the folder of a planned new run: data/ and the manifest."""
+        """Make the folder of a planned new run: data/, records/ and the manifest."""
         if not self.exists:
-            self.layout.fs.create_dir(self.layout.fs_path(DATA), recursive=True)
-            self._write_manifest()
+            for folder in (DATA, RECORDS):
+                self.layout.fs.create_dir(self.layout.path(folder), recursive=True)
+            self.compact()
 
     def discard(self) -> None:
         """Remove what `create` made for a run that then wrote no shard: its manifest, log and
-        empty data folder, and the folder itself if nothing else is left in it."""
+        empty folders, and the folder itself if nothing else is left in it."""
         layout = self.layout
         fs = layout.fs
-        if self.done():
+        if self.finished():
             raise StoreError(f"{self.root!r} holds shards: not discarding it")
         for name in (MANIFEST, LOG_FILE):
-            if fs.get_file_info(layout.fs_path(name)).type == pafs.FileType.File:
-                fs.delete_file(layout.fs_path(name))
-        for path in (layout.fs_path(DATA), layout.fs_path()):
+            if fs.get_file_info(layout.path(name)).type == pafs.FileType.File:
+                fs.delete_file(layout.path(name))
+        for path in (layout.path(DATA), layout.path(RECORDS), layout.path()):
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.Directory and not fs.get_file_info(
                     pafs.FileSelector(path)):
@@ -572,11 +477,10 @@ class ShardStore:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """All finished shards as one table (only `columns`, if given)."""
-        done = self.done()
+        done = self.finished()
         if not done:
             names = self.schema.names if columns is None else columns
             return pa.schema([self.schema.field(c) for c in names]).empty_table()
         layout = self.layout
-        return pa.concat_tables(
-            pq.read_table(layout.fs_path(DATA, layout.shard_name(k)), columns=columns,
-                          filesystem=layout.fs) for k in done)
+        return pa.concat_tables(pq.read_table(layout.shard_file(k), columns=columns,
+                                              filesystem=layout.fs) for k in done)

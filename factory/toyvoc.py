@@ -1,6 +1,8 @@
 """A small VOC-layout folder of drawn shapes, made offline: the demo's stand-in for VOC val
-(Protocol II needs a VOC folder and none can be downloaded). Each image is a dark background
-with one to three filled rectangles of random VOC classes; the label map says which."""
+(Protocol II needs a VOC folder and none can be downloaded). It holds VOC val's files only, not
+the train lists or `Annotations/` that `factory pairs --voc` and MaskFormer training read.
+Each image is a dark background with one to three filled rectangles of random VOC classes; the
+label map says which."""
 
 from __future__ import annotations
 
@@ -38,3 +40,4 @@ def write_shapes_voc(root: str, n: int, *, size: int = 64, seed: int = 0) -> str
               encoding="utf-8") as f:
         f.write("\n".join(ids) + "\n")
     return root
+

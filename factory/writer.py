@@ -1,10 +1,9 @@
 """The shard writer. The driver plans the shards and watches them complete; sample bytes never
 pass through it. It consumes the pipeline as block references (`iter_internal_ref_bundles`),
-learns from a tiny task next to each block which shards its rows belong to, and when all of a
-shard's rows are in, starts a write task (which Ray places next to the data) that assembles the
-shard, writes it atomically to the output location and returns its record: rows, bytes,
-checksum, the node that wrote it and the nodes whose actors made its rows. The driver enters
-each record in the manifest as it arrives, so memory stays flat as n grows.
+learns from a tiny task next to each block which samples it holds, and when all of a shard's
+samples are in, starts a write task on the node that holds its blocks, which assembles the
+shard, writes it and its record atomically to the output location and returns the record. The
+bookkeeping is `ShardAssembly`, plain Python; `ShardWriter` is the thin Ray loop around it.
 """
 
 from __future__ import annotations
@@ -12,13 +11,14 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from factory.errors import RunFailure
 from factory.pools import STAGE_CPUS
 from factory.store import ShardLayout, ShardStore
 
@@ -26,6 +26,125 @@ log = logging.getLogger(__name__)
 
 TAG = "_"  # stage columns that start with this are tags for the writer (pools.PoolStage)
 STAGES = ("generator", "labeller")
+# Summary and write tasks the driver keeps in flight: past this it stops pulling blocks, and Ray
+# Data's backpressure holds the pipeline, so the driver's objects stay bounded at any n.
+IN_FLIGHT = 64
+
+
+def spans_text(indices: Iterable[int]) -> str:
+    """Sample indices as short text: "3, 7-9, 12"."""
+    out, run = [], []
+    for i in sorted(set(indices)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
+
+
+@dataclass(frozen=True)
+class ReadyShard:
+    """A shard whose samples are all in: the blocks that hold its rows and the samples the
+    stages skipped ({"index", "stage", "error", ...})."""
+
+    shard: int
+    blocks: list
+    skipped: list[dict]
+
+
+class ShardAssembly:
+    """Which planned shards are complete, from the sample indices of each block as it arrives
+    and the samples the stages skipped. Rows past n and rows of shards not planned (finished by
+    an earlier run, which a work unit may straddle) are dropped before they are counted. A
+    shard whose every sample is in, as a row or skipped, is ready, once. A sample whose row
+    arrives twice holds its unwritten shard back, and `problems` names it at the end, with the
+    shards left incomplete. A row outranks a report that its sample was skipped (an actor that
+    reported a skip and then died: its unit's retry made the row). Memory: the indices of
+    incomplete shards only."""
+
+    def __init__(self, n: int, shard_size: int, planned: Iterable[int]) -> None:
+        self.n, self.shard_size = n, shard_size
+        self.planned = set(planned)
+        self.rows: dict[int, set[int]] = {}  # incomplete shard -> samples whose row is in
+        self.skips: dict[int, dict[int, dict]] = {}  # incomplete shard -> index -> skip report
+        self.blocks: dict[int, list] = {}  # incomplete shard -> blocks with its rows
+        self.started: set[int] = set()  # shards handed out to be written
+        self.twice: dict[int, set[int]] = {}  # shard -> samples whose row arrived again
+        self.late: dict[int, set[int]] = {}  # written shard -> samples that arrived again
+
+    def size(self, k: int) -> int:
+        return min((k + 1) * self.shard_size, self.n) - k * self.shard_size
+
+    def _by_shard(self, indices) -> dict[int, list[int]]:
+        indices = np.asarray(indices, dtype=np.int64)
+        indices = indices[(indices >= 0) & (indices < self.n)]
+        shards = indices // self.shard_size
+        return {k: indices[shards == k].tolist() for k in np.unique(shards).tolist()
+                if k in self.planned}
+
+    def _ready(self, shards) -> list[ReadyShard]:
+        ready = []
+        for k in shards:
+            rows, skips = self.rows.get(k, set()), self.skips.get(k, {})
+            if (k in self.started or k in self.twice
+                    or len(rows) + sum(i not in rows for i in skips) != self.size(k)):
+                continue
+            self.started.add(k)
+            self.rows.pop(k, None)
+            self.skips.pop(k, None)
+            ready.append(ReadyShard(k, self.blocks.pop(k, []),
+                                    [f for i, f in sorted(skips.items()) if i not in rows]))
+        return ready
+
+    def add_block(self, block: Hashable, indices) -> list[ReadyShard]:
+        """A block with rows of these sample indices arrived: the shards it completes."""
+        parts = self._by_shard(indices)
+        for k, part in parts.items():
+            if k in self.started:
+                self.late.setdefault(k, set()).update(part)
+                continue
+            rows = self.rows.setdefault(k, set())
+            again = rows.intersection(part)
+            if len(set(part)) < len(part):  # twice within the block itself
+                again |= {i for i, c in collections.Counter(part).items() if c > 1}
+            if again:
+                self.twice.setdefault(k, set()).update(again)
+            rows.update(part)
+            self.blocks.setdefault(k, []).append(block)
+        return self._ready(parts)
+
+    def add_skipped(self, samples: list[dict]) -> tuple[list[dict], list[ReadyShard]]:
+        """Samples the stages left out ({"index", ...}): those newly known of planned,
+        unwritten shards, and the shards they complete."""
+        taken = []
+        for f in samples:
+            i = f["index"]
+            for k in self._by_shard([i]):
+                if (k in self.started or i in self.rows.get(k, ())
+                        or i in self.skips.get(k, {})):
+                    continue  # a row outranks it, or a retried unit reported it again
+                self.skips.setdefault(k, {})[i] = f
+                taken.append(f)
+        return taken, self._ready({f["index"] // self.shard_size for f in taken})
+
+    def problems(self) -> dict[int, str]:
+        """At the end: {shard: what is wrong} for every planned shard not handed out."""
+        out = {}
+        for k in sorted(self.planned - self.started):
+            first = k * self.shard_size
+            missing = (set(range(first, first + self.size(k))) - self.rows.get(k, set())
+                       - set(self.skips.get(k, {})))
+            why = []
+            if k in self.twice:
+                why.append(f"samples {spans_text(self.twice[k])} arrived twice")
+            if missing:
+                why.append(f"samples {spans_text(missing)} never arrived")
+            out[k] = "; ".join(why)
+        return out
 
 
 def tagged_rows(batch: dict[str, np.ndarray], *, to_rows: Callable, **kwargs) -> pa.Table:
@@ -38,13 +157,11 @@ def tagged_rows(batch: dict[str, np.ndarray], *, to_rows: Callable, **kwargs) ->
     return table
 
 
-def block_shards(block: pa.Table, shard_size: int) -> dict[int, int]:
-    """{shard: rows} of one block (run as a task next to the block)."""
+def block_indices(block: pa.Table) -> list[int]:
+    """The sample indices of a block's rows (run as a task next to the block)."""
     if not block.num_rows:  # a unit whose every sample was skipped: Ray Data passes an empty
-        return {}  # block on without calling the later stages, and without columns
-    shards, counts = np.unique(np.asarray(block.column("index")) // shard_size,
-                               return_counts=True)
-    return dict(zip(shards.tolist(), counts.tolist(), strict=True))
+        return []  # block on, without columns
+    return block.column("index").to_pylist()
 
 
 def add_busy(per: dict[str, list[float]], actor: str, busy: float, start: float,
@@ -72,18 +189,25 @@ def stage_tags(table: pa.Table) -> tuple[dict, dict]:
     return nodes, busy
 
 
+def take_shard(layout: ShardLayout, k: int, blocks) -> pa.Table:
+    """Shard k's rows out of the blocks that hold them (which may hold rows of other shards,
+    and past n)."""
+    if not blocks:  # every sample of the shard failed
+        return layout.schema.empty_table()
+    rows = layout.shard_rows(k)
+    table = pa.concat_tables(blocks, promote_options="none")
+    index = table.column("index")
+    return table.filter(pc.and_(pc.greater_equal(index, rows.start), pc.less(index, rows.stop)))
+
+
 def write_shard(layout: ShardLayout, k: int, keep: Callable | None, failed: list[dict],
                 *blocks: pa.Table) -> dict:
-    """In a worker: shard k's rows from `blocks` -> one atomic shard file. Rows `keep` rejects
-    are left out and listed, and so are the `failed` samples, which no block holds. Returns
-    {"record": the shard's manifest record, "busy": ...}."""
+    """In a worker: shard k's rows from `blocks` -> one atomic shard file and its record file.
+    Rows `keep` rejects are left out and listed, and so are the `failed` samples, which no
+    block holds. Returns {"record": the shard's record, "busy": ...}."""
     import ray
 
-    if blocks:
-        table = pa.concat_tables(blocks, promote_options="none")
-        table = table.filter(pc.equal(pc.divide(table.column("index"), layout.shard_size), k))
-    else:  # every sample of the shard failed
-        table = layout.schema.empty_table()
+    table = take_shard(layout, k, blocks)
     nodes, busy = stage_tags(table)
     rows = table.select(layout.schema.names).cast(layout.schema)
     dropped: list[int] = []
@@ -91,11 +215,10 @@ def write_shard(layout: ShardLayout, k: int, keep: Callable | None, failed: list
         mask = keep(rows)
         dropped = rows.filter(pc.invert(mask)).column("index").to_pylist()
         rows = rows.filter(mask)
-    record = layout.write(k, rows, dropped, failed)
-    record["node"] = ray.get_runtime_context().get_node_id()
-    record["written_at"] = time.time()  # unix seconds: the run's timeline, for monitoring
-    for stage, ids in nodes.items():
-        record[f"{stage}s"] = ids
+    record = layout.write(k, rows, dropped, failed,
+                          node=ray.get_runtime_context().get_node_id(),
+                          written_at=time.time(),  # unix seconds: the run's timeline
+                          **{f"{stage}s": ids for stage, ids in nodes.items()})
     return {"record": record, "busy": busy}
 
 
@@ -125,99 +248,131 @@ class WriteResult:
         return sum(b for b, _, _ in per.values()) / span if span > 0 else None
 
 
-def write_shards(ds, store: ShardStore, shards: list[int], keep: Callable | None = None,
+def near(blocks: list):
+    """A scheduling strategy for a task on `blocks`: on the node that holds most of their
+    bytes (soft: elsewhere if it is gone), so that no block crosses the network, nor lands on
+    the head for lack of a better rule; the default where Ray knows no location."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    held: dict[str, int] = collections.Counter()
+    for where in ray.experimental.get_object_locations(blocks).values():
+        for node in where.get("node_ids") or ():
+            held[node] += where.get("object_size") or 0
+    if not held:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(max(held, key=held.get), soft=True)
+
+
+class ShardWriter:
+    """Runs a pipeline (rows of the `shards` planned, with stage tags) and writes each shard
+    from the workers as soon as its samples are in. `skipped()` returns the samples the stages
+    left out since its last call (`PoolStage` with `skip_failed`), which are reported before
+    any rows of their unit come out; those of planned shards go to `on_skipped` (which may stop
+    the run) and into their shard's record. Records enter the manifest as they arrive, which is
+    compacted when due and at the end, whatever happens."""
+
+    def __init__(self, store: ShardStore, shards: list[int], keep: Callable | None = None,
                  on_progress: Callable[[WriteResult], None] | None = None,
                  skipped: Callable[[], list[dict]] | None = None,
-                 on_skipped: Callable[[list[dict]], None] | None = None) -> WriteResult:
-    """Run the pipeline `ds` (rows of `shards`, with stage tags) and write each shard from the
-    workers as soon as its rows are in; returns what was written. `skipped()` returns the
-    samples the stages left out since its last call (`PoolStage` with `skip_failed`), which
-    are reported before any rows of their unit come out: a shard is complete when its rows
-    and its skipped samples add up. Those of the planned shards go to `on_skipped` (which may
-    stop the run) and into their shard's record."""
-    import ray
+                 on_skipped: Callable[[list[dict]], None] | None = None) -> None:
+        import ray
 
-    layout = store.layout
-    summarize = ray.remote(num_cpus=0)(block_shards)
-    writer = ray.remote(num_cpus=STAGE_CPUS)(write_shard)
-    expect = {k: len(layout.shard_rows(k)) for k in shards}
-    have: collections.Counter = collections.Counter()
-    blocks: dict[int, list] = collections.defaultdict(list)
-    failed: dict[int, dict[int, dict]] = collections.defaultdict(dict)  # shard -> index -> why
-    started: set[int] = set()  # shards whose write task is out
-    summaries: dict = {}  # summary ref -> block ref
-    writes: dict = {}  # write ref -> shard
-    out = WriteResult()
+        self.store, self.keep = store, keep
+        self.on_progress, self.skipped, self.on_skipped = on_progress, skipped, on_skipped
+        self.assembly = ShardAssembly(store.n, store.shard_size, shards)
+        self.summarize = ray.remote(num_cpus=0)(block_indices)
+        self.writer = ray.remote(num_cpus=STAGE_CPUS)(write_shard)
+        self.summaries: dict = {}  # summary ref -> block ref
+        self.writes: dict = {}  # write ref -> shard
+        self.out = WriteResult()
 
-    def start_complete(candidates) -> None:
-        for k in candidates:
-            if k in started:
-                continue
-            if have[k] + len(failed[k]) == expect[k]:
-                started.add(k)
-                why = [{key: f[key] for key in ("index", "stage", "error")}
-                       for f in failed[k].values()]
-                writes[writer.remote(layout, k, keep, why, *blocks.pop(k, []))] = k
-            elif have[k] + len(failed[k]) > expect[k]:
-                raise RuntimeError(f"the pipeline made shard {k}'s rows twice")
+    def run(self, ds) -> WriteResult:
+        try:
+            for bundle in ds.iter_internal_ref_bundles():
+                if any(s is not None for s in bundle.slices):
+                    raise RuntimeError("the pipeline handed out a sliced block; shards need "
+                                       "whole ones")
+                for ref in bundle.block_refs:
+                    task = self.summarize.options(scheduling_strategy=near([ref]))
+                    self.summaries[task.remote(ref)] = ref
+                self._settle(0)
+                while len(self.summaries) + len(self.writes) > IN_FLIGHT:
+                    self._settle(1.0)
+            while self.summaries or self.writes:
+                self._settle(1.0)
+            if self.skipped is not None:  # a last unit whose every sample was skipped adds
+                self._take_skipped()  # no block
+                while self.writes:
+                    self._settle(1.0)
+        finally:
+            self.store.compact()
+        self._check_complete()
+        return self.out
 
-    def take_skipped() -> None:
-        new = []
-        for f in skipped():
-            k = f["index"] // layout.shard_size
-            if k in expect and k not in started and f["index"] not in failed[k]:
-                failed[k][f["index"]] = f
-                new.append(f)
-        if new:
-            out.failed += len(new)
-            if on_skipped is not None:
-                on_skipped(new)
-            start_complete({f["index"] // layout.shard_size for f in new})
+    def _start(self, ready: list[ReadyShard]) -> None:
+        for r in ready:
+            why = [{key: f[key] for key in ("index", "stage", "error")} for f in r.skipped]
+            task = self.writer.options(scheduling_strategy=near(r.blocks))
+            self.writes[task.remote(self.store.layout, r.shard, self.keep, why,
+                                    *r.blocks)] = r.shard
 
-    def settle(timeout: float) -> None:
-        pending = list(summaries) + list(writes)
+    def _take_skipped(self) -> None:
+        taken, ready = self.assembly.add_skipped(self.skipped())
+        if taken:
+            self.out.failed += len(taken)
+            if self.on_skipped is not None:
+                self.on_skipped(taken)
+        self._start(ready)
+
+    def _settle(self, timeout: float) -> None:
+        import ray
+
+        pending = list(self.summaries) + list(self.writes)
         if not pending:
             return
         ready, _ = ray.wait(pending, num_returns=1, timeout=timeout)
         if ready:
             ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-        if skipped is not None:  # after the wait: a ready block's skipped samples are known
-            take_skipped()
+        if self.skipped is not None:  # after the wait: a ready block's skipped samples are known
+            self._take_skipped()
         for ref in ready:
-            if ref in summaries:
-                block = summaries.pop(ref)
-                counts = {k: n for k, n in ray.get(ref).items() if k in expect}
-                for k, n in counts.items():  # others: a unit's rows of a done shard, or past n
-                    blocks[k].append(block)
-                    have[k] += n
-                start_complete(counts)
+            if ref in self.summaries:
+                block = self.summaries.pop(ref)
+                self._start(self.assembly.add_block(block, ray.get(ref)))
             else:
-                k = writes.pop(ref)
-                done = ray.get(ref)
-                record = done["record"]
-                store.record_shards({k: record})
-                out.written += record["rows"]
-                out.dropped += len(record["dropped"])
-                out.shards += 1
-                out.add_busy(done["busy"])
-                log.debug("shard %d written by node %s: %d rows, %d bytes", k,
-                          record["node"], record["rows"], record["bytes"])
-        if on_progress is not None:
-            on_progress(out)
+                self._written(self.writes.pop(ref), ray.get(ref))
+        if self.on_progress is not None:
+            self.on_progress(self.out)
 
-    for bundle in ds.iter_internal_ref_bundles():
-        if any(s is not None for s in bundle.slices):
-            raise RuntimeError("the pipeline handed out a sliced block; shards need whole ones")
-        for ref in bundle.block_refs:
-            summaries[summarize.remote(ref, layout.shard_size)] = ref
-        settle(0)
-    while summaries or writes:
-        settle(1.0)
-    if skipped is not None:  # a last unit whose every sample was skipped adds no block
-        take_skipped()
-        while writes:
-            settle(1.0)
-    missing = sorted(set(shards) - set(store.shards))
-    if missing:  # every planned row must come back exactly once
-        raise RuntimeError(f"the pipeline ended with shards {missing} incomplete")
-    return out
+    def _written(self, k: int, done: dict) -> None:
+        record = done["record"]
+        self.store.add_records({k: record})
+        self.store.compact(force=False)
+        self.out.written += record["rows"]
+        self.out.dropped += len(record["dropped"])
+        self.out.shards += 1
+        self.out.add_busy(done["busy"])
+        log.debug("shard %d written by node %s: %d rows, %d bytes", k, record["node"],
+                  record["rows"], record["bytes"])
+
+    def _check_complete(self) -> None:
+        """Every planned sample must have come back exactly once: the shards that did are
+        written; the others are named in one line, with the details in the run's log."""
+        from factory.console import RUN_LOG
+
+        for k, again in sorted(self.assembly.late.items()):
+            log.warning("samples %s of shard %d arrived again after it was written; the shard "
+                        "was kept as first written", spans_text(again), k)
+        problems = self.assembly.problems()
+        if not problems:
+            return
+        for k, why in problems.items():
+            RUN_LOG.error("shard %d (samples %d-%d) was not written: %s", k,
+                          k * self.store.shard_size,
+                          k * self.store.shard_size + self.assembly.size(k) - 1, why)
+        first = next(iter(problems))
+        more = f" and {len(problems) - 1} more shards" if len(problems) > 1 else ""
+        raise RunFailure(f"the pipeline left shard {first} incomplete ({problems[first]}){more};"
+                         f" the {self.out.shards} shards completed are written; rerun the same "
+                         f"command to make the rest; details in {self.store.log_path}")

@@ -5,6 +5,8 @@ import tempfile
 # Tests start a local Ray whose workers share this interpreter; Ray's `uv run` hook (read when
 # ray is first imported) would copy the project and build a venv per session instead.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray workers and driver processes cache the bytecode they compile (factory.pools.connect_ray)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

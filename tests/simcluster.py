@@ -1,7 +1,8 @@
 """A multi-node Ray cluster on one machine, for the cluster tests and `benchmarks/scale.py`: a
-head with no CPU and no stage resource (so every task and actor runs on another node than the
-driver), `gen` nodes and `label` nodes, one slot each. Blocks are never inlined into their
-owner's memory (the driver), as large real images would not be either."""
+head with one CPU and no stage resource (as a head started without `CPU: 0`: Ray Data may run
+its small tasks there, yet no shard may be written there), `gen` nodes and `label` nodes, one
+slot each. Blocks are never inlined into their owner's memory (the driver), as large real
+images would not be either."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def simulated_cluster(gen_nodes: int = 2, label_nodes: int = 1):
     os.makedirs("/tmp/ray", exist_ok=True)  # where Cluster notes the head's address
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Unix socket paths are limited
     cluster = Cluster(initialize_head=True, connect=False, head_node_args=dict(
-        num_cpus=0, temp_dir=temp, include_dashboard=False,
+        num_cpus=1, temp_dir=temp, include_dashboard=False,
         _system_config={"max_direct_call_object_size": 1024}))
     sim = SimulatedCluster(cluster)
     try:
@@ -56,7 +57,8 @@ def simulated_cluster(gen_nodes: int = 2, label_nodes: int = 1):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def driver(argv: list[str], report: str | None = None, **popen) -> subprocess.Popen:
+def driver(argv: list[str], report: str | None = None, env: dict | None = None,
+           **popen) -> subprocess.Popen:
     """`factory ARGV` as its own driver process (as `ray job submit` would run it). With
     `report`, the driver writes to that JSON file when it exits: its peak RSS and every object
     it fetched with ray.get (type, pickled size)."""
@@ -65,7 +67,7 @@ def driver(argv: list[str], report: str | None = None, **popen) -> subprocess.Po
         code = REPORT.replace("REPORT_PATH", repr(report)) + code
     # the environment as it is now: a local Ray started earlier in this process may have
     # turned on token authentication (RAY_AUTH_MODE) for the nodes started after it
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    env = {**(os.environ if env is None else env), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
     return subprocess.Popen([sys.executable, "-c", code], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

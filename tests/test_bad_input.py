@@ -11,6 +11,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 from conftest import KNOWN_CLASSES, known_masks, write_triplets
 
 from eval.protocol1 import main as protocol1_main
@@ -126,9 +127,12 @@ def ray_started() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def case(id: str, entry: str, argv: list[str], setup: str | None = None):
+def case(id: str, entry: str, argv: list[str], setup: str | None = None, marks=()):
     """A row of the table: `argv` names paths as {placeholders} (`samples`, `case_paths`)."""
-    return pytest.param(entry, argv, setup, id=id)
+    return pytest.param(entry, argv, setup, id=id, marks=marks)
+
+
+WITHOUT_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 GEN = ["generate", "--model", "tiny", "--n", "4", "--out", "{out}"]
@@ -142,12 +146,15 @@ CASES = [
     # factory generate: numbers, names, files, --out
     case("generate-n-0", "factory", [*GEN, "--n", "0"]),
     case("generate-shard-size-negative", "factory", [*GEN, "--shard-size", "-1"]),
+    case("generate-shard-size-0", "factory", [*GEN, "--shard-size", "0"]),
     case("generate-batch-size-0", "factory", [*GEN, "--batch-size", "0"]),
     case("generate-label-batch-size-0", "factory", [*GEN, "--label-batch-size", "0"]),
     case("generate-steps-0", "factory", [*GEN, "--steps", "0"]),
     case("generate-feature-step-past-steps", "factory",
          [*GEN, "--steps", "5", "--feature-step", "5"]),
     case("generate-generators-0", "factory", [*GEN, "--generators", "0"]),
+    case("generate-device-cuda-without-a-gpu", "factory", [*GEN, "--device", "cuda"],
+         marks=WITHOUT_CUDA),
     case("generate-placement-timeout-0", "factory", [*GEN, "--placement-timeout", "0"]),
     case("generate-max-failed-samples-negative", "factory",
          [*GEN, "--max-failed-samples", "-1"]),
@@ -272,6 +279,8 @@ CASES = [
     case("protocol1-unknown-baseline", "protocol1", [*P1, "--baseline", "clipseg"]),
     case("protocol1-unknown-mask-rule", "protocol1", [*P1, "--mask-rule", "argmax"]),
     case("protocol1-batch-size-0", "protocol1", [*P1, "--batch-size", "0"]),
+    case("protocol1-device-cuda-without-a-gpu", "protocol1", [*P1, "--device", "cuda"],
+         marks=WITHOUT_CUDA),
     case("protocol1-min-area-1.5", "protocol1", [*P1, "--min-area", "1.5"]),
     case("protocol1-threshold-1.5", "protocol1", [*P1, "--threshold", "1.5"]),
     case("protocol1-daam-threshold-negative", "protocol1", [*P1, "--daam-threshold", "-0.1"]),

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from factory.cli import main
-from factory.pipeline import GenerateOptions, prepare
+from factory.identity import prepare
+from factory.options import GenerateOptions
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_output_folder_of_another_run_is_refused_and_left_alone(out, run):
                            "--seed", "2"])
     assert code == 2 and "holds another run (seed=1 (now 2))" in stderr
     assert open(os.path.join(out, "manifest.json")).read() == before
-    assert sorted(os.listdir(out)) == ["data", "manifest.json"]
+    assert sorted(os.listdir(out)) == ["data", "manifest.json", "records"]
     assert not os.listdir(os.path.join(out, "data"))
 
 
@@ -140,15 +141,17 @@ def test_no_command_module_imports_the_factory_cli():
                 assert "factory.cli" not in names, f"{path.relative_to(root)} imports factory.cli"
 
 
-def test_the_final_line_counts_the_samples_dropped_and_skipped(capsys):
-    from factory.cli import echo_result
-    from factory.pipeline import RunResult
+def test_the_final_line_counts_the_samples_dropped_and_skipped_and_names_both_speeds():
+    from factory.options import RunResult
 
-    echo_result(RunResult(written=6, shards_written=4, shards_skipped=0, seconds=2.0, out="o",
-                          dropped=1, failed=1))
-    assert capsys.readouterr().out == (
+    spans = {"generator": {"a": [1.0, 100.0, 102.0], "b": [1.0, 101.0, 104.0]}}  # 4 s
+    line = RunResult(written=6, shards_written=4, shards_skipped=0, seconds=16.0, out="o",
+                     dropped=1, failed=1, actor_spans=spans).summary()
+    assert line == (
         "wrote 6 samples (4 shards, 1 dropped below --min-quality, 1 skipped after failing "
-        "(manifest.json's `failed`)) in 2.0 s, 3.50 images/s, to o\n")
-    echo_result(RunResult(written=0, shards_written=1, shards_skipped=3, seconds=1.0, out="o",
-                          failed=2))  # a shard whose every sample failed is work done too
-    assert capsys.readouterr().out.startswith("wrote 0 samples (1 shards, 2 skipped")
+        "(manifest.json's `failed`)) in 16.0 s, 0.44 images/s wall-clock (Ray's start and "
+        "warm-up included), 1.75 images/s steady (the generators' first call to their last), "
+        "to o")
+    line = RunResult(written=0, shards_written=1, shards_skipped=3, seconds=1.0, out="o",
+                     failed=2).summary()  # a shard whose every sample failed is work done too
+    assert line.startswith("wrote 0 samples (1 shards, 2 skipped") and "steady" not in line

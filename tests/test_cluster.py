@@ -1,6 +1,6 @@
 """`factory generate` on a multi-node Ray cluster simulated on this machine (tests/simcluster.py):
-a head that runs only the driver, two `gen` nodes and one `label` node, tiny models. The driver
-is its own process, joining with --address as on a real cluster."""
+a head with a CPU and no stage resource, two `gen` nodes and one `label` node, tiny models. The
+driver is its own process, joining with --address as on a real cluster."""
 
 import json
 import os
@@ -44,7 +44,7 @@ def undisturbed(cluster, tmp_path_factory):
 
 def shard_bytes(out: str) -> dict[int, bytes]:
     store = ShardStore.open(out)
-    return {k: open(store.shard_path(k), "rb").read() for k in store.done()}
+    return {k: open(store.shard_path(k), "rb").read() for k in store.finished()}
 
 
 def test_stages_run_on_their_node_groups_and_every_shard_is_recorded(cluster, undisturbed):
@@ -53,19 +53,19 @@ def test_stages_run_on_their_node_groups_and_every_shard_is_recorded(cluster, un
     gen = {n.node_id for n in cluster.gen}
     label = {n.node_id for n in cluster.label}
     assert "wrote 16 samples (4 shards)" in stdout
-    assert sorted(store.shards) == list(range(4)) == store.done()
-    for k, rec in store.shards.items():
+    assert sorted(store.records) == list(range(4)) == store.finished()
+    for k, rec in store.records.items():
         data = open(store.shard_path(k), "rb").read()
         assert rec["rows"] == 4 and rec["bytes"] == len(data)
         assert set(rec["generators"]) <= gen and set(rec["labellers"]) <= label
-        assert rec["node"] in gen | label  # a worker wrote it: the head has no CPU
+        assert rec["node"] in gen | label  # not the head, though it has a CPU
     assert pq.read_table(store.data_dir).num_rows == 16
 
 
 def test_auto_pools_fill_every_gen_slot(cluster, undisturbed):
     out, _, err, _ = undisturbed
     store = ShardStore.open(out)
-    used = {n for rec in store.shards.values() for n in rec["generators"]}
+    used = {n for rec in store.records.values() for n in rec["generators"]}
     assert used == {n.node_id for n in cluster.gen}  # both gen nodes made rows
     assert "generators 2-" in err or "generators 2 " in err  # the pool started at 2 slots
 
@@ -96,7 +96,7 @@ def disturbed(cluster, undisturbed, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cl") / "out")
     proc = driver([*RUN, "--address", cluster.address, "--out", out])
     deadline = time.time() + 300
-    while not (os.path.isfile(os.path.join(out, "manifest.json")) and ShardStore.open(out).shards):
+    while not (os.path.isfile(os.path.join(out, "manifest.json")) and ShardStore.open(out).records):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     lost = list(cluster.gen)
@@ -118,7 +118,7 @@ def test_lost_gen_nodes_leave_every_index_once_and_identical_shards(undisturbed,
 
 def test_a_node_added_mid_run_gets_work(disturbed):
     out, _, added = disturbed
-    used = {n for rec in ShardStore.open(out).shards.values() for n in rec["generators"]}
+    used = {n for rec in ShardStore.open(out).records.values() for n in rec["generators"]}
     assert added in used
 
 

@@ -6,6 +6,7 @@ import copy
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -75,7 +76,47 @@ def test_head_runs_no_gpu_stage():
     head = config["available_node_types"][config["head_node_type"]]["resources"]
     assert head.get("GPU", 0) == 0
     assert not set(STAGE_RESOURCES.values()) & set(head)
-    assert head.get("CPU", 0) > 0  # it runs the drivers
+    assert head.get("CPU") == 0  # no task, so no sample byte, lands on the head
+
+
+def test_the_pools_read_gpu_shares_and_limits_from_the_file_on_a_cold_cluster(tmp_path):
+    """What the driver reads of a cold cluster (v1 autoscaler: `ray up` leaves this file on
+    the head): the GPUs each pool's actors get, and how far the stage slots may grow."""
+    from factory.pools import ClusterView, _autoscaler_config_file, size_pools
+
+    most, types = _autoscaler_config_file(str(CLUSTER))
+    assert (most["gen"], most["label"], most["GPU"]) == (64, 16, 80)
+    cold = ClusterView(slots={"gen": 0, "label": 0}, max_slots={"gen": 64, "label": 16},
+                       autoscaled=True, gpus=0.0, max_gpus=most["GPU"], node_types=types)
+    pools = size_pools(cold, units=10_000, labeller_images_per_s=17.0)
+    assert pools["generator"].gpus == 1.0 and pools["labeller"].gpus == 1.0
+    assert (pools["generator"].min_size, pools["generator"].max_size) == (1, 64)
+    assert _autoscaler_config_file(str(tmp_path / "absent.yaml")) == ({}, ())
+
+
+def test_workers_launch_with_the_head_profile_that_resolves_their_images():
+    """Worker ImageIds are public SSM parameters, which EC2 resolves with the launcher's (the
+    head's) rights: the head needs a profile of its own (README "IAM")."""
+    types = load(CLUSTER)["available_node_types"]
+    ssm = [n for n, t in types.items() if str(t["node_config"]["ImageId"]).startswith(
+        "resolve:ssm:")]
+    assert ssm
+    assert types["head"]["node_config"]["IamInstanceProfile"] == {"Name": "factory-head"}
+    readme = (ROOT / "README.md").read_text()
+    for needed in ("ssm:GetParameters", "iam:PassRole", "factory-head", "factory-worker"):
+        assert needed in readme
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a driver")
+def test_a_gpu_node_without_a_working_driver_stops_its_setup_in_one_line():
+    config = load(CLUSTER)
+    (check,) = config["worker_setup_commands"]
+    assert check.endswith("python -m factory.gpu_check")
+    run = subprocess.run([sys.executable, "-m", "factory.gpu_check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ""
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("factory gpu check: no NVIDIA driver on this node")
 
 
 def test_stage_resources_sit_on_the_node_types_meant_for_them():

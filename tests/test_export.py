@@ -167,7 +167,7 @@ def test_voc_refuses_class_ids_a_uint8_map_cannot_hold(tmp_path):
     root, *_ = write_folder(tmp_path / "data", "triplets")
     store = ShardStore.open(root)
     store.manifest["categories"] = [*CATEGORIES, {"id": 255, "name": "fire truck"}]
-    store._write_manifest()
+    store.compact()
     with pytest.raises(ExportError, match="these classes do not fit: fire truck=255"):
         export(root, "voc", str(tmp_path / "voc"))
     assert sorted(os.listdir(tmp_path)) == ["data"]
@@ -186,7 +186,7 @@ def test_an_export_refuses_class_names_a_hand_edited_manifest_spoils(tmp_path, f
     store = ShardStore.open(root)
     store.manifest["categories"] = [{"id": c["id"], "name": n}
                                     for c, n in zip(CATEGORIES, names, strict=True)]
-    store._write_manifest()
+    store.compact()
     with pytest.raises(ExportError, match=re.escape(f"the manifest of '{root}' names classes "
                                                     f"badly: {message}")):
         export(root, fmt, str(tmp_path / "out"))
@@ -222,6 +222,27 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path):
             export(root, "coco", str(tmp_path / out))
     assert sorted(os.listdir(tmp_path)) == ["busy", "data", "file"]
     assert os.listdir(tmp_path / "busy") == ["notes.txt"]
+
+
+def test_an_occupied_out_is_refused_before_any_model_library_loads(tmp_path):
+    """`factory export` into an existing --out answers as fast as the other refusals: the
+    check comes before the tokenizer (transformers, torch) loads."""
+    import subprocess
+    import sys
+
+    root, *_ = write_folder(tmp_path / "data", "triplets")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    code = ("import sys\nfrom factory.cli import main\ntry:\n"
+            f"    main(['export', {root!r}, '--format', 'coco', '--out', "
+            f"{str(tmp_path / 'busy')!r}])\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('transformers', 'torch') "
+            "if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.stdout.split("\n")[0] == "2 []", run.stdout + run.stderr
+    assert "exists and is not an empty folder" in run.stderr
 
 
 @pytest.mark.parametrize("fmt", ["coco", "voc"])

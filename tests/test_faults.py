@@ -21,7 +21,9 @@ from simcluster import driver
 from actors.names import TEST_DETECTOR
 from factory.cli import main
 from factory.errors import FactoryError
-from factory.pipeline import GenerateOptions, generate
+from factory.integrity import verify
+from factory.options import GenerateOptions
+from factory.pipeline import generate
 from factory.store import ShardStore
 
 pytestmark = pytest.mark.slow
@@ -34,7 +36,7 @@ RUN = ["--split", "pascal", "--n", "8", "--shard-size", "2", "--seed", "4", "--m
 
 def shard_bytes(out: str) -> dict[int, bytes]:
     store = ShardStore.open(out)
-    return {k: open(store.shard_path(k), "rb").read() for k in store.done()}
+    return {k: open(store.shard_path(k), "rb").read() for k in store.finished()}
 
 
 def wait_for_stage_slots(ray_local) -> None:
@@ -69,7 +71,7 @@ def test_truncated_and_empty_shards_are_made_again(reference, tmp_path, run_cli,
     assert code == 0, err
     assert "shard 1 is damaged (unreadable, 100 bytes" in caplog.text
     assert "shard 3 is damaged (unreadable, 0 bytes" in caplog.text
-    assert shard_bytes(out) == reference[1] and ShardStore.open(out).verify() == {}
+    assert shard_bytes(out) == reference[1] and verify(ShardStore.open(out)) == {}
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(reference, tmp_path, run_cli):
@@ -90,7 +92,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused(reference, tmp_path
     assert code == 2 and len(lines) == 1
     assert f"is being written by another run: pid {holder.pid} on host" in lines[0]
     assert os.path.exists(temp)  # its cleanup did not touch the other run's files
-    assert sorted(ShardStore.open(out).done()) == [0, 1, 3]
+    assert sorted(ShardStore.open(out).finished()) == [0, 1, 3]
 
 
 def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
@@ -101,13 +103,13 @@ def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
     deadline = time.time() + 300
     try:  # the manifest, written whole, appears after data/: wait for it before opening
         while not (os.path.isfile(os.path.join(out, "manifest.json"))
-                   and ShardStore.open(out).done()):
+                   and ShardStore.open(out).finished()):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
     finally:  # a failed wait too: a driver left running would hold the next tests' slots
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    left = ShardStore.open(out).done()
+    left = ShardStore.open(out).finished()
     assert 1 <= len(left) < 4  # killed mid-run
     with caplog.at_level("INFO"):
         code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
@@ -115,6 +117,52 @@ def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
     assert f"taking over the lock of {out} from pid {proc.pid}" in caplog.text  # the driver's
     assert f"{len(left)} of 4 shards already done" in caplog.text
     assert shard_bytes(out) == reference[1]
+
+
+def test_an_interrupted_run_stops_in_one_line_and_leaves_no_ray_process(reference, tmp_path,
+                                                                          run_cli):
+    """Ctrl-C mid-run (SIGTERM takes the same path, factory/command.py), on the run's own
+    local Ray: one line, exit 130, no traceback
+    (Ray's atexit hooks included), none of the Ray processes it started left a few seconds
+    later (their command lines name its session folder, which ends with the driver's pid),
+    and a rerun finishes byte-identical."""
+    out = str(tmp_path / "out")
+    proc = driver(["generate", "--out", out, *RUN])
+    deadline = time.time() + 300
+    try:
+        while not (os.path.isfile(os.path.join(out, "manifest.json"))
+                   and ShardStore.open(out).finished()):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(ShardStore.open(out).finished())
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (f"factory: interrupted after {done} of 4 shards; "
+                                            "rerun the same command to finish")
+    deadline = time.time() + 10
+    while [p for p in ray_session_pids(f"_{proc.pid}/")]:
+        assert time.time() < deadline, ray_session_pids(f"_{proc.pid}/")
+        time.sleep(0.5)
+    code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
+    assert code == 0, err
+    assert shard_bytes(out) == reference[1]
+
+
+def ray_session_pids(marker: str) -> list[int]:
+    """Processes whose command line holds `marker`."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
 
 
 def test_a_resume_that_resolves_differently_is_refused_unless_drift_is_allowed(
@@ -131,7 +179,7 @@ def test_a_resume_that_resolves_differently_is_refused_unless_drift_is_allowed(
     with pytest.raises(FactoryError, match=r"\(precision bfloat16 then, float32 now; torch 0\.1 "
                                            r"then, .* now\).*--allow-drift"):
         generate(options)
-    assert ShardStore.open(out).done() == [0, 1, 2]
+    assert ShardStore.open(out).finished() == [0, 1, 2]
     with caplog.at_level("WARNING"):
         result = generate(dataclasses.replace(options, allow_drift=True))
     assert result.shards_written == 1 and "notice: --allow-drift" in caplog.text
@@ -160,7 +208,9 @@ def test_verify_checks_every_checksum_and_lists_the_bad_shards(reference, tmp_pa
 def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_traceback(
         ray_local, tmp_path):
     from actors.maskrcnn_labeller import MaskRCNNLabeller
-    from factory.pipeline import Labeller, _run, prepare
+    from factory.graph import Labeller
+    from factory.identity import prepare
+    from factory.pipeline import _run
     from factory.schema import to_triplets
 
     class BrokenLabeller(MaskRCNNLabeller):  # defined here: Ray ships it to the actors by value
@@ -186,7 +236,7 @@ def test_a_stage_that_keeps_failing_stops_the_run_in_one_line_and_logs_the_trace
     with open(store.log_path) as f:
         log = f.read()
     assert "Traceback" in log and "CUDA out of memory (injected)" in log
-    assert 2 not in ShardStore.open(store.root).done()  # the failed unit's shard is not written
+    assert 2 not in ShardStore.open(store.root).finished()  # the failed unit's shard is not written
 
 
 def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_it(
@@ -199,7 +249,9 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     import re
 
     from actors.maskrcnn_labeller import MaskRCNNLabeller
-    from factory.pipeline import Labeller, _run, prepare
+    from factory.graph import Labeller
+    from factory.identity import prepare
+    from factory.pipeline import _run
     from factory.schema import to_triplets
     from factory.stats import dataset_stats, format_stats
 
@@ -234,11 +286,11 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     assert [f["index"] for f in done.failed] == [1, 6, 7] and done.manifest["failed_count"] == 3
     assert {(f["stage"], f["error"]) for f in done.failed} == {
         ("labeller", "ValueError: a corrupt image (injected)")}
-    assert done.verify() == {} and len(done.done()) == 4
+    assert verify(done) == {} and len(done.finished()) == 4
     # each sample of the shards this call made was written or skipped (shard size 2)
     assert result.written + result.failed == 2 * result.shards_written
     assert done.read(["index"]).column("index").to_pylist() == [0, 2, 3, 4, 5]
-    assert done.shards[3]["rows"] == 0  # every sample of shard 3 failed: an empty shard
+    assert done.records[3]["rows"] == 0  # every sample of shard 3 failed: an empty shard
     for i in (6, 7):
         assert f"skipped sample {i}: the labeller stage kept failing on it" in caplog.text
     with open(store.log_path) as f:
@@ -255,7 +307,7 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     os.remove(store.shard_path(3))  # to try its samples again, with the labeller mended
     result, _ = run(2, MendedLabeller)  # shard 3's old failures no longer count: 1 + 7 <= 2
     again = ShardStore.open(store.root)
-    assert result.written == 1 and result.failed == 1 and again.verify() == {}
+    assert result.written == 1 and result.failed == 1 and verify(again) == {}
     assert [f["index"] for f in again.failed] == [1, 7] and again.manifest["failed_count"] == 2
     assert again.read(["index"]).column("index").to_pylist() == [0, 2, 3, 4, 5, 6]
     os.remove(store.shard_path(0))  # sample 1 fails again, and sample 7 has used up K = 1
@@ -273,7 +325,7 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
 @pytest.mark.parametrize("code, text", [(28, "No space left on device"),
                                         (13, "Permission denied")])
 def test_a_full_disk_or_a_permission_error_mid_run_is_one_line(code, text):
-    from factory.pipeline import run_failure
+    from factory.failures import run_failure
 
     class WorkerError(Exception):  # as Ray hands a worker's exception on: the original as .cause
         def __init__(self, cause):
@@ -301,13 +353,13 @@ def test_a_killed_generator_actor_leaves_every_index_exactly_once(ray_local, tmp
     run.start()
     deadline = time.time() + 300
     while not (os.path.isfile(os.path.join(options.out, "manifest.json"))
-               and ShardStore.open(options.out).done()):
+               and ShardStore.open(options.out).finished()):
         assert run.is_alive() and time.time() < deadline
         time.sleep(0.05)
     generators = ray_worker_pids(b"MapBatches(GeneratorStage)")
     assert len(generators) == 1  # the local Ray has one gen slot
     os.kill(generators[0], signal.SIGKILL)
-    assert len(ShardStore.open(options.out).done()) < 4  # killed with work left
+    assert len(ShardStore.open(options.out).finished()) < 4  # killed with work left
     while set(ray_worker_pids(b"MapBatches(GeneratorStage)")) <= set(generators):
         assert run.is_alive() and time.time() < deadline  # the rest needs a new actor
         time.sleep(0.05)

@@ -8,7 +8,9 @@ from actors.class_embeddings import ClassEmbedder
 from actors.features import FeatureExtractor, encode_prompts, feature_maps, group_by_resolution
 from actors.names import ModelStructureError, check_model_name, check_unet_config
 from actors.sd import load_sd
-from factory.pipeline import FactoryError, GenerateOptions, prepare
+from factory.errors import FactoryError
+from factory.identity import prepare
+from factory.options import GenerateOptions
 
 # prompts of 7 to 12 tokens
 PROMPTS = [("dog",), ("pottedplant", "tvmonitor"), ("cat", "person"), ("diningtable",)]

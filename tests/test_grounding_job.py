@@ -14,7 +14,7 @@ from conftest import ray_worker_pids
 from actors.frozen_sd import FrozenSD
 from factory.store import ShardStore
 from train.grounding.checkpoint import load_grounding_head
-from train.grounding.job import RUN_NAME
+from train.grounding.job import RUN_NAME, iou_text
 from train.grounding.job import main as job_main
 
 
@@ -53,6 +53,11 @@ def test_ray_train_job_with_two_workers_checkpoints_and_resumes(ray_local, known
                                                       resumed.state_dict().values(), strict=True))
     code, _, err = run_job(args + ["--steps", "8", "--resume", "--seed", "1"])
     assert code == 2 and "cannot resume" in err and "seed 0 then, 1 now" in err
+
+
+def test_a_run_without_oracle_masks_says_so_instead_of_nan():
+    assert iou_text(float("nan")) == iou_text(None) == "n/a: no oracle mask to learn from"
+    assert iou_text(0.4567) == "0.457"
 
 
 @pytest.mark.parametrize(("extra", "message"), [

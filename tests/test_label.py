@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.cli import main
-from factory.pipeline import LabelOptions, prepare_label
+from factory.identity import prepare_label
+from factory.options import LabelOptions
 from factory.prompts import SamplePlan
 from factory.schema import SEGMENTATION_SCHEMA, decode_label, decode_masks
 from factory.store import ShardStore
@@ -51,7 +52,7 @@ def labelled(ray_local, tiny_checkpoint, expected, tmp_path_factory):
             "--min-quality", str(cut)]
     main(argv)
     store = ShardStore.open(out)
-    return argv, out, cut, {k: pq.read_table(store.shard_path(k)) for k in store.done()}
+    return argv, out, cut, {k: pq.read_table(store.shard_path(k)) for k in store.finished()}
 
 
 @pytest.mark.slow

@@ -24,8 +24,26 @@ def test_label_map_takes_the_most_probable_confident_class():
     ids = torch.tensor([[8, 12]])
     valid = torch.tensor([[True, True]])
     assert label_maps(probs, ids, valid, 0.5, 0.5).tolist() == [[[8, 12, 0, 0]]]
-    # the band: >= 0.65 labelled, < 0.3 background, in between ignore
+    # the band: > 0.65 labelled, <= 0.3 background, in between ignore
     assert label_maps(probs, ids, valid, 0.3, 0.65).tolist() == [[[8, 12, 0, IGNORE]]]
+
+
+def test_a_probability_at_the_threshold_is_not_the_class():
+    """The official test.py: `label_pred_mask[label_pred_prob > 0.5] = 1`. A logit of 0 is a
+    probability of exactly 0.5: background, in no class's mask."""
+    probs = torch.sigmoid(torch.tensor([[[[0.0, 0.1, -0.1]], [[-1.0, -1.0, -1.0]]]]))  # (1,2,1,3)
+    assert probs[0, 0, 0, 0] == 0.5
+    ids, valid = torch.tensor([[8, 12]]), torch.tensor([[True, True]])
+    assert label_maps(probs, ids, valid, 0.5, 0.5).tolist() == [[[0, 8, 0]]]
+    for rule in ("independent", "exclusive"):
+        masks = apply_mask_rule(probs, 0.5, rule, valid)
+        assert masks[0, 0, 0].tolist() == [False, True, False] and not masks[0, 1].any()
+        daam = apply_mask_rule(probs, 0.5, rule, valid, inclusive=True)  # DAAM's heat >= t
+        assert daam[0, 0, 0].tolist() == [True, True, False]
+    # a band's ends: at high ignore, at low background
+    band = torch.tensor([[[[0.75, 0.25, 0.5]]]])                              # (1, 1, 1, 3)
+    label = label_maps(band, ids[:, :1], valid[:, :1], 0.25, 0.75)
+    assert label.tolist() == [[[IGNORE, 0, IGNORE]]]
 
 
 def test_label_map_never_uses_a_padding_class():
@@ -78,7 +96,7 @@ def labeller(tiny_checkpoint):
 
 
 def test_labels_masks_scores_and_quality_agree(labeller, generated):
-    """masks: each class's own probability >= 0.5, overlapping where the exclusive label map
+    """masks: each class's own probability > 0.5, overlapping where the exclusive label map
     gives the pixel to the more probable class."""
     out = labeller(generated)
     probs, valid = labeller.probabilities(generated, (64, 64))
@@ -93,13 +111,13 @@ def test_labels_masks_scores_and_quality_agree(labeller, generated):
         assert masks.shape == (len(classes), 64, 64)
         p = probs[i, :len(classes)].numpy()
         for k, class_id in enumerate(ids):
-            np.testing.assert_array_equal(masks[k], p[k] >= 0.5)
+            np.testing.assert_array_equal(masks[k], p[k] > 0.5)
             assert out["areas"][i][k] == masks[k].sum()
             expected = p[k][masks[k]].mean() if masks[k].any() else 0.0
             assert out["scores"][i][k] == pytest.approx(expected, abs=1e-6)
             # where a class is labelled, it is the most probable and confident one
             np.testing.assert_array_equal(label == class_id, masks[k] & (p[k] >= p.max(0)))
-        assert ((label == 0) == (p.max(0) < 0.5)).all()
+        assert ((label == 0) == (p.max(0) <= 0.5)).all()
         assert out["quality"][i] == pytest.approx(np.mean(out["scores"][i]), abs=1e-6)
         overlap += (masks.sum(0) > 1).sum()
     assert overlap > 0  # both prompt classes' masks hold some pixels: the label map has one
@@ -120,11 +138,11 @@ def test_ignore_band_marks_uncertain_pixels(tiny_checkpoint, generated, labeller
     label = out["label"]
     probs = labeller.probabilities(generated, (64, 64))[0].numpy()
     top = probs.max(1)                                                        # (B, H, W)
-    np.testing.assert_array_equal(label == IGNORE, (top >= 0.45) & (top < 0.55))
-    np.testing.assert_array_equal(label == 0, top < 0.45)
-    for i, classes in enumerate(CLASSES):  # a class's mask is its probability >= high
+    np.testing.assert_array_equal(label == IGNORE, (top > 0.45) & (top <= 0.55))
+    np.testing.assert_array_equal(label == 0, top <= 0.45)
+    for i, classes in enumerate(CLASSES):  # a class's mask is its probability > high
         masks = decode_masks(out["masks"][i], 64, 64)
-        np.testing.assert_array_equal(masks, probs[i, :len(classes)] >= 0.55)
+        np.testing.assert_array_equal(masks, probs[i, :len(classes)] > 0.55)
 
 
 def test_a_sample_is_labelled_the_same_alone_and_in_a_batch(labeller, generated):

@@ -6,22 +6,34 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import factory.pools
 from factory.errors import FactoryError
-from factory.pools import IMAGES_PER_S, LABEL_SHARE, ClusterView, probe_output, size_pools
-from factory.writer import WriteResult, block_shards, stage_tags
+from factory.pools import LABEL_SHARE, ClusterView, probe_output, size_pools
+from factory.writer import WriteResult, block_indices, stage_tags
 
-GROUNDING = IMAGES_PER_S["grounding head"]
-MASKRCNN = IMAGES_PER_S["mask r-cnn"]
+# The sizing rule is tested at fixed speeds (2026-11-27's figures), so that a new measurement in
+# benchmarks/results/ (where IMAGES_PER_S reads them; tests/test_speeds.py) moves no test here.
+GENERATOR, GROUNDING, MASKRCNN = 4.41, 126.0, 17.0
+
+
+@pytest.fixture(autouse=True)
+def fixed_speeds(monkeypatch):
+    monkeypatch.setattr(factory.pools, "IMAGES_PER_S", {
+        "sd generator": GENERATOR, "grounding head": GROUNDING, "mask r-cnn": MASKRCNN})
 
 
 def view(gen=16, label=1, gpus=17.0, shared=False, max_gen=None, max_label=None):
-    """A cluster of `gen` generator slots and `label` labeller slots; an autoscaler that may
-    grow them to max_gen/max_label if those are given."""
+    """A cluster of `gen` generator slots and `label` labeller slots, one GPU a slot if `gpus`
+    (on shared nodes if `shared`); an autoscaler that may grow them to max_gen/max_label if
+    those are given."""
     autoscaled = max_gen is not None or max_label is not None
+    gpu = 1.0 if gpus else 0.0
+    types = (({"gen": gen, "label": label, "GPU": gpus},) if shared else
+             ({"gen": 8, "GPU": 8 * gpu}, {"label": 1, "GPU": gpu}))
     return ClusterView(slots={"gen": gen, "label": label},
                        max_slots={"gen": max(gen, max_gen or 0),
                                   "label": max(label, max_label or 0)},
-                       gpus=gpus, max_gpus=gpus, autoscaled=autoscaled, shared=shared)
+                       gpus=gpus, max_gpus=gpus, autoscaled=autoscaled, node_types=types)
 
 
 def test_auto_generators_fill_every_gen_slot_and_grow_to_what_the_autoscaler_adds():
@@ -78,6 +90,19 @@ def test_pools_the_cluster_cannot_place_are_refused_naming_the_resource(cluster,
         size_pools(cluster, units=10, **kwargs)
 
 
+def test_a_cold_cluster_takes_the_gpu_share_from_the_node_types_it_can_launch():
+    """No node up yet (cluster.yaml's GPU types start at zero): the pools still ask for the
+    GPUs the launched nodes will have, from the autoscaler's node types."""
+    cold = ClusterView(slots={"gen": 0, "label": 0}, max_slots={"gen": 64, "label": 16},
+                       autoscaled=True, gpus=0.0, max_gpus=80.0,
+                       node_types=({"CPU": 0},  # the head, alive
+                                   {"CPU": 96, "GPU": 8, "gen": 8}, {"CPU": 4, "GPU": 1,
+                                                                     "label": 1}))
+    pools = size_pools(cold, units=1000, labeller_images_per_s=GROUNDING)
+    assert (pools["generator"].gpus, pools["labeller"].gpus) == (1.0, 1.0)
+    assert (pools["generator"].min_size, pools["generator"].max_size) == (1, 64)
+
+
 def test_a_gen_node_the_autoscaler_can_add_is_waited_for_not_refused():
     gen = size_pools(view(gen=0, max_gen=8, max_label=1, label=0, gpus=0.0), units=10)
     assert (gen["generator"].min_size, gen["generator"].max_size) == (1, 8)
@@ -93,7 +118,7 @@ def test_an_output_a_worker_cannot_see_is_refused_naming_the_node(ray_local, tmp
 class Doubler:
     """A stage that raises on every batch holding sample 5 (or any sample, if `all_fail`)."""
 
-    def __init__(self, all_fail=False):
+    def __init__(self, all_fail=False, device="cpu"):
         self.calls, self.all_fail = [], all_fail
 
     def __call__(self, batch):
@@ -129,9 +154,9 @@ def test_a_unit_that_keeps_failing_stops_the_run_or_goes_sample_by_sample(ray_lo
                                                        "RuntimeError: a corrupt input")]
 
 
-def test_block_shards_counts_rows_per_shard():
-    block = pa.table({"index": [3, 4, 5, 8, 9]})
-    assert block_shards(block, 4) == {0: 1, 1: 2, 2: 2}
+def test_block_indices_are_the_blocks_index_column():
+    assert block_indices(pa.table({"index": [3, 4, 5, 8, 9]})) == [3, 4, 5, 8, 9]
+    assert block_indices(pa.table({})) == []  # a unit whose samples were all skipped
 
 
 def test_stage_tags_give_nodes_and_busy_time_per_actor():
@@ -175,3 +200,23 @@ def test_progress_shows_actors_warming_up_then_their_warm_up_time():
     line, = progress.lines(counter.counts(), *counter.warm_ups())
     assert "16/32 rows" in line and line.endswith("warm-up 67 s")
     assert counter.warm_ups() == ({"generator": 0}, {"generator": [67.4, 3.2]})
+
+
+def test_each_work_unit_reaches_the_stages_as_a_block_of_its_own(ray_local):
+    """A few read tasks make the specs of many units; each unit must still be one block, so
+    that the actor pool spreads units over its actors (merged blocks would give one actor a
+    read task's every unit)."""
+    from factory.graph import READ_TASKS, unit_specs_dataset
+    from factory.prompts import SamplePlan
+    from factory.store import ShardLayout
+    from factory.units import work_units
+    from factory.vocab import get_split
+
+    layout = ShardLayout(root="/unused", n=45, shard_size=8, kind="triplets")
+    spans = work_units(layout, [0, 1, 3, 4, 5], unit=3)  # shard 2 done: units 0-5, 8-14
+    ds = unit_specs_dataset(SamplePlan(get_split("pascal", "1"), "train", 0), spans, 3)
+    blocks = [ray_local.get(ref).column("index").to_pylist()
+              for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    units = [u for first, end in spans.tolist() for u in range(first, end)]
+    assert sorted(blocks) == [list(range(3 * u, 3 * u + 3)) for u in units]
+    assert len(units) > READ_TASKS

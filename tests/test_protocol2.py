@@ -10,7 +10,9 @@ from PIL import Image
 
 from eval.metrics import IoUAccumulator
 from eval.protocol2 import (
+    ScoreImages,
     Scorer,
+    check_inputs,
     coco_semantic,
     evaluate,
     main,
@@ -58,6 +60,16 @@ def scored(pairs) -> dict:
             acc.intersection += np.asarray(inter)
             acc.union += np.asarray(union)
     return summarise(totals, "voc", *protocol2_split("voc", "zs3"))
+
+
+def summed(counts: list[dict], n: int) -> dict[str, IoUAccumulator]:
+    totals = {}
+    for image in counts:
+        for conv, (inter, union) in image.items():
+            acc = totals.setdefault(conv, IoUAccumulator(n, include_background=True))
+            acc.intersection += np.asarray(inter)
+            acc.union += np.asarray(union)
+    return totals
 
 
 def test_voc_metrics_match_a_hand_count():
@@ -117,7 +129,7 @@ def test_predictions_folder_through_ray_and_the_report(ray_local, tmp_path, run_
     assert (tmp_path / "new" / "p2.log").is_file() and (tmp_path / "new" / "p2.md").is_file()
 
 
-def test_bad_input_is_one_line(tmp_path, run_cli):
+def test_bad_input_is_one_line(tmp_path, run_cli, capsys):
     images = {"a": (A_GT, A_PRED), "b": (B_GT, B_PRED)}
     voc = write_voc_val(str(tmp_path / "VOC2012"), images)
     pred = write_predictions(str(tmp_path / "pred"), {"a": images["a"]})
@@ -138,8 +150,15 @@ def test_bad_input_is_one_line(tmp_path, run_cli):
         (["--coco", str(tmp_path), "--predictions", pred], "no annotations/instances_val2017"),
         (["--voc", voc, "--predictions", pred, "--fold", "zs65"], "unknown fold 'zs65' for VOC"),
         (["--voc", voc], "give one of --checkpoint or --predictions"),
-        (["--voc", voc, "--checkpoint", str(tmp_path)], "no MaskFormer checkpoint"),
+        (["--voc", voc, "--checkpoint", no_val], "no MaskFormer checkpoint"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        ckpt = constant_checkpoint(str(tmp_path / "ckpt"), "pascal", "zs3", "background", "cat")
+        capsys.readouterr()  # transformers' saving progress
+        cases.append((["--voc", voc, "--checkpoint", ckpt, "--fold", "zs3", "--device", "cuda"],
+                      "--device cuda, but this machine has no CUDA device"))
     for argv, message in cases:
         code, _, err = run_cli(main, argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
@@ -186,3 +205,153 @@ def test_a_checkpoint_of_another_split_or_fold_is_refused(tmp_path, run_cli, cap
                                       str(tmp_path / "r.json")])
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_voc20_takes_the_argmax_over_the_object_classes_the_zegformer_way():
+    """A crafted prediction of a model with a background class: on the aeroplane and person
+    pixels background scores highest, the object second. ZegFormer (no background class) would
+    predict the object: voc20 counts it, voc20_argmax21 counts a miss; background pixels stay
+    ignored in both."""
+    gt = np.array([[1, 1, 0, 0], [15, 15, 255, 18]], np.uint8)
+    pred = np.array([[0, 1, 0, 0], [0, 15, 15, 18]], np.uint8)  # the argmax over all 21
+    objects = np.array([[1, 1, 5, 9], [15, 15, 15, 18]], np.uint8)  # over the 20 objects
+    r = summarise(summed([Scorer("voc").counts(pred, gt, objects)], 21), "voc",
+                  *protocol2_split("voc", "zs3"))
+    assert set(r) == {"voc20", "voc20_argmax21", "voc21"}
+    # objects: aeroplane 2/2, person 2/2, sofa 1/1; bottle (5) and chair (9) sit on background
+    assert r["voc20"]["per_class"] == pytest.approx({"aeroplane": 100.0, "person": 100.0,
+                                                     "sofa": 100.0})
+    # over 21: aeroplane 1/2, person 1/2 (the ignored pixel's prediction counts nowhere), sofa 1
+    assert r["voc20_argmax21"]["per_class"] == pytest.approx({"aeroplane": 50.0, "person": 50.0,
+                                                              "sofa": 100.0})
+    assert (r["voc20"]["seen"], r["voc20_argmax21"]["seen"]) == pytest.approx((100.0, 50.0))
+    assert r["voc21"]["per_class"]["background"] == pytest.approx(100 * 2 / 4)  # 2 of 4
+    # a label map alone (a predictions folder) is scored as given: no second argmax
+    assert set(Scorer("voc").counts(pred, gt)) == {"voc20", "voc21"}
+
+
+def constant_checkpoint(folder: str, split: str, fold: str, first: str, second: str) -> str:
+    """A tiny MaskFormer checkpoint that predicts the same scores at every pixel: class
+    `first` highest, `second` next (class logits = a bias, mask logits = 0)."""
+    import torch
+
+    from train.maskformer.data import CLASS_LISTS
+    from train.maskformer.job import save_checkpoint
+    from train.maskformer.model import build_maskformer
+
+    names = CLASS_LISTS[split].names
+    model = build_maskformer("tiny", len(names)).eval()
+    with torch.no_grad():
+        model.class_predictor.weight.zero_()
+        model.class_predictor.bias.zero_()
+        model.class_predictor.bias[names.index(first)] = 5.0
+        model.class_predictor.bias[names.index(second)] = 4.0
+        last = [m for m in model.mask_embedder.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.zero_()
+        last.bias.zero_()
+    save_checkpoint(folder, model, torch.optim.AdamW(model.parameters()), 1, 8,
+                    {"kind": "maskformer", "split": split, "fold": fold, "crop": 64,
+                     "classes": list(names), "background": split == "pascal"})
+    return folder
+
+
+def score(dataset: str, root: str, checkpoint: str, fold: str) -> dict:
+    _, _, fold, items = check_inputs(root if dataset == "voc" else None,
+                                     root if dataset == "coco" else None, checkpoint, None, fold)
+    rows = ScoreImages(dataset, root, checkpoint, None)({"item": np.array(items)})
+    n = 21 if dataset == "voc" else 80
+    return summarise(summed([json.loads(c) for c in rows["counts"]], n), dataset,
+                     *protocol2_split(dataset, fold))
+
+
+def test_score_images_on_a_crafted_voc_checkpoint_gives_the_hand_count(tmp_path, capsys):
+    """Background everywhere over 21 classes, aeroplane over the 20 objects, on A and B."""
+    ckpt = constant_checkpoint(str(tmp_path / "ckpt"), "pascal", "zs3", "background",
+                               "aeroplane")
+    voc = write_voc_val(str(tmp_path / "VOC2012"), {"a": (A_GT, A_PRED), "b": (B_GT, B_PRED)})
+    r = score("voc", voc, ckpt, "zs3")
+    capsys.readouterr()
+    # 20 objects: aeroplane 2 of the 7 object pixels; person (2) and sofa (3) missed
+    assert r["voc20"]["per_class"] == pytest.approx({"aeroplane": 200 / 7, "person": 0.0,
+                                                     "sofa": 0.0})
+    assert (r["voc20"]["seen"], r["voc20"]["unseen"]) == pytest.approx((100 / 7, 0.0))
+    # over all 21: background on every object pixel, a miss each
+    assert r["voc20_argmax21"]["per_class"] == pytest.approx({"aeroplane": 0.0, "person": 0.0,
+                                                              "sofa": 0.0})
+    # 21 classes: background 4 of the 11 labelled pixels; seen = (4/11 + 0 + 0) / 3
+    assert r["voc21"]["per_class"]["background"] == pytest.approx(400 / 11)
+    assert r["voc21"]["seen"] == pytest.approx(400 / 33)
+    import torch
+
+    if not torch.cuda.is_available():  # --device cuda never falls back to the CPU
+        with pytest.raises(RuntimeError, match="sees no CUDA device; pass --device cpu"):
+            ScoreImages("voc", voc, ckpt, None, device="cuda")
+
+
+def test_coco_scoring_on_a_tiny_coco_folder_and_its_14_unseen(tmp_path, capsys):
+    """A COCO-layout folder of boxes: person (seen) 12 pixels, cat (unseen) 12, mouse
+    (unseen in zs65, absent from COCO-sim) 4, a crowd region and unlabelled pixels ignored; a
+    checkpoint that predicts cat everywhere."""
+    root = write_boxes_coco(str(tmp_path / "coco"), [(6, 8, [
+        (1, (0, 0, 4, 3), False), (17, (4, 0, 4, 3), False), (74, (0, 3, 2, 2), False),
+        (1, (6, 4, 2, 2), True)])])
+    ckpt = constant_checkpoint(str(tmp_path / "ckpt"), "coco", "1", "cat", "dog")
+    r = score("coco", root, ckpt, "zs65")
+    capsys.readouterr()
+    # cat: 12 of the 28 labelled pixels; person and mouse missed
+    assert r["coco80"]["per_class"] == pytest.approx({"person": 0.0, "cat": 300 / 7,
+                                                      "mouse": 0.0})
+    assert (r["coco80"]["seen"], r["coco80"]["unseen"]) == pytest.approx((0.0, 150 / 7))
+    assert r["coco80_sim14"]["unseen"] == pytest.approx(300 / 7)  # cat alone: mouse left out
+    assert len(r["coco80_sim14"]["unseen_classes"]) == 14
+    assert "mouse" not in r["coco80_sim14"]["unseen_classes"]
+
+
+def test_a_checkpoint_without_a_fold_is_refused_for_zero_shot_scoring(tmp_path, run_cli, capsys):
+    ckpt = constant_checkpoint(str(tmp_path / "ckpt"), "pascal", None, "background", "cat")
+    voc = write_voc_val(str(tmp_path / "VOC2012"), {"a": (A_GT, A_PRED)})
+    capsys.readouterr()
+    code, _, err = run_cli(main, ["--voc", voc, "--checkpoint", ckpt])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "trained without a zero-shot fold (every class seen)" in err
+
+
+COCO_BOX = tuple[int, tuple[int, int, int, int], bool]  # category id, (x, y, w, h), crowd
+
+
+def write_boxes_coco(root: str, images: list[tuple[int, int, list[COCO_BOX]]], *,
+                     seed: int = 0) -> str:
+    """A COCO val2017-layout folder under `root`: val2017/ID.jpg (dark, each box filled with a
+    colour) and annotations/instances_val2017.json, one image per (height, width, boxes) of
+    `images`, ids 1, 2, ... Boxes are polygons (a box (x, y, w, h) covers pixels x .. x + w - 1
+    and y .. y + h - 1), crowds RLE as in COCO; returns `root`."""
+    from pycocotools import mask as mask_utils
+
+    from factory.vocab import COCO_CATEGORIES
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "val2017"), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    infos, anns = [], []
+    for image_id, (height, width, boxes) in enumerate(images, start=1):
+        image = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+        name = f"{image_id:012d}.jpg"
+        for category, (x, y, w, h), crowd in boxes:
+            image[y:y + h, x:x + w] = rng.integers(80, 256, 3, dtype=np.uint8)
+            if crowd:
+                mask = np.zeros((height, width), dtype=np.uint8, order="F")
+                mask[y:y + h, x:x + w] = 1
+                rle = mask_utils.encode(mask)
+                segmentation = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+            else:
+                segmentation = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category,
+                         "segmentation": segmentation, "area": w * h, "bbox": [x, y, w, h],
+                         "iscrowd": int(crowd)})
+        Image.fromarray(image).save(os.path.join(root, "val2017", name))
+        infos.append({"id": image_id, "file_name": name, "height": height, "width": width})
+    categories = [{"id": i, "name": n, "supercategory": ""} for i, n in COCO_CATEGORIES.items()]
+    with open(os.path.join(root, "annotations", "instances_val2017.json"), "w",
+              encoding="utf-8") as f:
+        json.dump({"images": infos, "annotations": anns, "categories": categories}, f)
+    return root

@@ -55,13 +55,13 @@ def check_tiles(sheet, cols, samples, masks, labels):
 def test_sheet_tints_masked_pixels_only_in_a_grid_of_n_tiles(grey_folder, tmp_path):
     kind, root, masks, labels, _ = grey_folder
     out = str(tmp_path / "sheet.png")
-    assert contact_sheet(root, out, n=3, tile=SIZE) == 3
+    assert contact_sheet(root, out, n=3, tile=SIZE).tiles == 3
     with Image.open(out) as im:
         assert (im.format, im.size) == ("PNG", (2 * SIZE, 2 * SIZE))  # 2 wide, 2 high
         sheet = np.asarray(im.convert("RGB"))
     check_tiles(sheet, 2, [0, 1, 2], masks, labels)
     assert (sheet[SIZE:, SIZE:] == 0).all()  # the fourth cell stays empty
-    assert contact_sheet(root, out, tile=SIZE) == 5  # n=16, but 5 samples
+    assert contact_sheet(root, out, tile=SIZE).tiles == 5  # n=16, but 5 samples
     with Image.open(out) as im:
         assert im.size == (3 * SIZE, 2 * SIZE)
 
@@ -69,21 +69,33 @@ def test_sheet_tints_masked_pixels_only_in_a_grid_of_n_tiles(grey_folder, tmp_pa
 def test_classes_filter_keeps_samples_naming_any_of_them(grey_folder, tmp_path):
     kind, root, masks, labels, _ = grey_folder
     out = str(tmp_path / "sheet.png")
-    assert contact_sheet(root, out, classes=["dog"], tile=SIZE) == 2
+    assert contact_sheet(root, out, classes=["dog"], tile=SIZE).tiles == 2
     with Image.open(out) as im:
         assert im.size == (2 * SIZE, SIZE)
         check_tiles(np.asarray(im.convert("RGB")), 2, [2, 4], masks, labels)
-    assert contact_sheet(root, out, n=2, classes=["red panda", "dog"], tile=SIZE) == 2
+    assert contact_sheet(root, out, n=2, classes=["red panda", "dog"], tile=SIZE).tiles == 2
     with Image.open(out) as im:
         check_tiles(np.asarray(im.convert("RGB")), 2, [1, 2], masks, labels)
+
+
+def test_classes_the_data_lacks_are_named_and_the_others_drawn(tmp_path, run_cli):
+    """`factory show DIR --classes cat,dog` as the README writes it, on data without cats."""
+    from factory.cli import main
+
+    root, *_ = write_folder(tmp_path / "data", "triplets")
+    out = tmp_path / "sheet.png"
+    sheet = contact_sheet(root, str(out), classes=["unicorn", "dog"], tile=SIZE)
+    assert (sheet.tiles, sheet.missing) == (2, ["unicorn"]) and out.exists()
+    code, text, _ = run_cli(main, ["show", root, "--out", str(out), "--classes", "unicorn,dog"])
+    assert code == 0 and text.strip().endswith("(no sample names 'unicorn')")
 
 
 def test_unknown_class_names_and_empty_data_are_refused(tmp_path):
     root, *_ = write_folder(tmp_path / "data", "triplets")
     out = tmp_path / "sheet.png"
-    with pytest.raises(ShowError, match=r"no sample names 'unicorn'; the data has: cat, dog, "
-                                        r"red panda"):
-        contact_sheet(root, str(out), classes=["cat", "unicorn"])
+    with pytest.raises(ShowError, match=r"no sample names 'unicorn', 'yeti'; the data has: "
+                                        r"cat, dog, red panda"):
+        contact_sheet(root, str(out), classes=["unicorn", "yeti"])
     empty = ShardStore.create_or_resume(str(tmp_path / "empty"), {
         "kind": "triplets", "split": "pascal", "fold": "1", "n": 4, "shard_size": 2},
         seen=[], unseen=[], pairs={"source": "uniform"})

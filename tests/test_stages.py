@@ -187,7 +187,8 @@ def test_oracle_defaults_decide_a_weak_lone_instance(spec_batch, oracle, score_t
     ("union", None, 0.5), ("top1", None, 0.05), ("top1", 0.3, 0.3)])
 def test_the_manifest_records_the_resolved_score_threshold(tmp_path, oracle, given, recorded):
     from factory.errors import FactoryError
-    from factory.pipeline import GenerateOptions, prepare
+    from factory.identity import prepare
+    from factory.options import GenerateOptions
     from factory.store import ShardStore
 
     out = str(tmp_path / "out")

@@ -8,6 +8,8 @@ import json
 import os
 from collections.abc import Callable
 
+from factory.errors import Interrupted
+
 
 def read_info(folder: str, info_file: str) -> dict:
     with open(os.path.join(folder, info_file), encoding="utf-8") as f:
@@ -45,11 +47,44 @@ def worker_batches(cfg: dict, step: int):
     return itertools.islice(batches, step - cfg["start_step"], None)
 
 
+def check_gpu_workers_fit_one_node(num_workers: int, use_gpu: bool) -> None:
+    """GPU workers go on one node (`fit`): refuse more than any node, live or that the
+    autoscaler may launch, has GPUs, instead of waiting for one forever."""
+    import ray
+
+    from factory.errors import FactoryError
+    from factory.pools import autoscaler_config
+
+    if not use_gpu:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    most = max((t.get("GPU", 0) for t in (*nodes, *autoscaler_config()[1])), default=0)
+    if num_workers > most:
+        raise FactoryError(f"{num_workers} GPU workers must share one node, but the largest "
+                           f"node has {most:g} GPUs: use at most {most:g} --num-workers")
+
+
 def fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, name: str,
-        use_gpu: bool, cpus_per_worker: float):
+        use_gpu: bool, cpus_per_worker: float, info_file: str | None = None):
     """Run `loop` on Ray Train, one worker per dataset of `per_worker`: worker r reads its own,
     `worker_dataset(r)`, in order (not a split of one dataset, whose rows may reach another worker
-    after a restart); returns Ray Train's result."""
+    after a restart); returns Ray Train's result. Interrupted (Ctrl-C), it says from which step
+    `--resume` continues (the latest checkpoint's, by its `info_file`)."""
+    try:
+        return _fit(loop, cfg, per_worker, out=out, name=name, use_gpu=use_gpu,
+                    cpus_per_worker=cpus_per_worker)
+    except Interrupted:
+        done = latest_checkpoint(out, info_file) if info_file else None
+        if done is None:
+            raise Interrupted("interrupted before the first checkpoint; rerun the same "
+                              "command") from None
+        raise Interrupted(f"interrupted; the last checkpoint is step "
+                          f"{read_info(done, info_file)['step']}: rerun with --resume to "
+                          "continue from it") from None
+
+
+def _fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, name: str,
+         use_gpu: bool, cpus_per_worker: float):
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -62,7 +97,9 @@ def fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, 
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            # GPU workers on one node (NVLink): with cluster.yaml, one `gen` node
+            placement_strategy="STRICT_PACK" if use_gpu else "PACK"),
         run_config=ray.train.RunConfig(
             name=name, storage_path=out,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),

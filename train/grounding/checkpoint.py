@@ -2,7 +2,8 @@
 
     head.pt      the head's state dict (what `load_grounding_head` loads)
     head.json    {"config": GroundingHeadConfig fields, "split", "fold", "model", "step", ...}
-    train.pt     head and optimizer state and the step, for resuming
+    train.pt     head and optimizer state and the step, for resuming (training checkpoints
+                 only: `convert_official` writes a head of the official code without it)
 
 A training `--out` folder holds Ray Train's checkpoint folders; the latest is the one whose
 head.json has the highest step.
@@ -28,13 +29,18 @@ class CheckpointError(ValueError):
     """A path that holds no grounding-head checkpoint."""
 
 
-def save_checkpoint(folder: str, head: GroundingHead, opt: torch.optim.Optimizer, step: int,
-                    info: dict) -> None:
+def save_head(folder: str, head: GroundingHead, step: int, info: dict) -> None:
+    """What a later stage loads: the weights and the info, without the training state."""
     torch.save(head.state_dict(), os.path.join(folder, HEAD_WEIGHTS))
-    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step},
-               os.path.join(folder, TRAIN_STATE))
     with open(os.path.join(folder, HEAD_INFO), "w", encoding="utf-8") as f:
         json.dump({**info, "config": asdict(head.cfg), "step": step}, f, indent=2)
+
+
+def save_checkpoint(folder: str, head: GroundingHead, opt: torch.optim.Optimizer, step: int,
+                    info: dict) -> None:
+    torch.save({"head": head.state_dict(), "opt": opt.state_dict(), "step": step},
+               os.path.join(folder, TRAIN_STATE))
+    save_head(folder, head, step, info)
 
 
 def read_info(folder: str) -> dict:
@@ -49,8 +55,9 @@ def latest_checkpoint(path: str) -> str | None:
 def load_grounding_head(path: str, device: str | torch.device = "cpu"
                         ) -> tuple[GroundingHead, dict]:
     """The head of a checkpoint folder, or of a training `--out` folder's latest checkpoint, in
-    eval mode, with its info (config, split, fold, model, step, and `folder`, the checkpoint
-    folder's absolute path)."""
+    eval mode (normalisation is per image in both modes; eval only stops the spectral norm's
+    power iteration), with its info (config, split, fold, model, step, and `folder`, the
+    checkpoint folder's absolute path)."""
     folder = latest_checkpoint(path)
     if folder is None:
         raise CheckpointError(f"no grounding-head checkpoint ({HEAD_INFO}) in {path!r}")
@@ -59,8 +66,15 @@ def load_grounding_head(path: str, device: str | torch.device = "cpu"
         cfg = GroundingHeadConfig(**{k: tuple(v) if isinstance(v, list) else v
                                      for k, v in info["config"].items()})
         head = GroundingHead(cfg)
-        head.load_state_dict(torch.load(os.path.join(folder, HEAD_WEIGHTS), map_location="cpu",
-                                        weights_only=True))
+        state = torch.load(os.path.join(folder, HEAD_WEIGHTS), map_location="cpu",
+                           weights_only=True)
+        if any(k.endswith(".bn.running_mean") for k in state):
+            raise CheckpointError(f"the head in {folder!r} was trained with batch statistics; "
+                                  "this head normalises each image on its own, as the official "
+                                  "code: retrain it")
+        head.load_state_dict(state)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError,
             pickle.UnpicklingError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -30,14 +30,14 @@ def check_training_data(root: str, allow_partial: bool = False) -> ShardStore:
         raise ValueError(f"{root!r} holds {run.get('kind')!r}, not generate's triplets")
     if run["subset"] != "train":
         raise ValueError(f"{root!r} is a {run['subset']!r} set: train on --subset train data")
-    store.finished(allow_partial, "factory generate")
+    store.check_finished(allow_partial, "factory generate")
     return store
 
 
 def shard_groups(store: ShardStore) -> tuple[list[str], list[range]]:
     """The finished shards' paths and row indices: the stream's groups."""
-    done = store.done()
-    return [store.shard_path(k) for k in done], [range(store.shards[k]["rows"]) for k in done]
+    done = store.finished()
+    return [store.shard_path(k) for k in done], [range(store.records[k]["rows"]) for k in done]
 
 
 def load_batch(batch: dict[str, np.ndarray], *, shards: list[str], seen: list[str]

@@ -3,8 +3,10 @@ Train, one DDP worker per GPU (or CPU workers), locally or as `ray job submit ..
 python -m train.grounding ...`.
 
 The paper's recipe (sec. 5.1): Adam, lr 1e-4, weight decay 1e-4, batch 8, 5k iterations, on
-seen classes only, skipping classes whose oracle mask is empty. Features are recomputed from the
-stored x_t on each worker's device by a frozen UNet (bf16 on GPUs).
+seen classes only, skipping classes whose oracle mask is empty (the official train.py instead:
+lr 1e-5, no weight decay, batch 1, a new image every step; README, differences). The loss is the
+official one, each sample's classes summed, divided by the batch size. Features are recomputed
+from the stored x_t on each worker's device by a frozen UNet (bf16 on GPUs; the head in fp32).
 
 The data is a stream shuffled per epoch with the run's seed (`train.stream`). A checkpoint
 records the step and the stream position (samples consumed); `--resume` and Ray Train's own
@@ -14,6 +16,7 @@ restarts after a worker failure continue at both.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -81,8 +84,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                     save_checkpoint(d, head, opt, step, {**cfg["info"], "metrics": metrics,
                                                          "position": position})
                     checkpoint = ray.train.Checkpoint.from_directory(d)
-                    log.info("step %d: loss %.4f, train IoU %.3f", step, metrics["loss"],
-                             metrics["iou"])
+                    log.info("step %d: loss %.4f, train IoU %s", step, metrics["loss"],
+                             iou_text(metrics["iou"]))
                 ray.train.report(metrics, checkpoint=checkpoint)  # all ranks report
         if step >= cfg["steps"]:
             break
@@ -93,9 +96,9 @@ def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> 
     every node it may, instead of waiting for it forever."""
     import ray
 
-    from factory.pools import autoscaler_max_resources
+    from factory.pools import autoscaler_config
 
-    most = autoscaler_max_resources()
+    most = autoscaler_config()[0]
     have = {r: max(v, most.get(r, 0)) for r, v in ray.cluster_resources().items()}
     have.update({r: v for r, v in most.items() if r not in have})
     need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
@@ -104,6 +107,7 @@ def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> 
     if short:
         raise FactoryError(f"{num_workers} workers need {' and '.join(short)}: use fewer "
                            "--num-workers or a bigger cluster")
+    jobs.check_gpu_workers_fit_one_node(num_workers, use_gpu)
 
 
 def train(data: str, out: str, *, model: str | None = None, head: str | None = None,
@@ -113,7 +117,7 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
           allow_partial: bool = False, seed: int = 0, address: str | None = None):
     """Check the arguments, then run the Ray Train job; returns Ray Train's result."""
     from actors.names import check_model_name
-    from train.grounding.checkpoint import latest_checkpoint, read_info
+    from train.grounding.checkpoint import HEAD_INFO, latest_checkpoint, read_info
     from train.grounding.data import check_training_data, load_batch, shard_groups
     from train.grounding.model import HEAD_CONFIGS
     from train.grounding.trainer import head_for
@@ -192,7 +196,8 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
                    "start_step": start_step, "start_position": start_position,
                    "per_epoch": info["samples"], "info": info}
             return jobs.fit(train_loop_per_worker, cfg, per_worker, out=out, name=RUN_NAME,
-                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+                            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                            info_file=HEAD_INFO)
     except FactoryError:
         if fresh:  # refused before training: leave nothing behind
             shutil.rmtree(out)
@@ -227,8 +232,16 @@ def cli(keep_empty_masks: bool, **kwargs) -> None:
     result = train(skip_empty=not keep_empty_masks, **kwargs)
     m = result.metrics or {}
     click.echo(f"trained to step {m.get('step')} in {time.perf_counter() - start:.0f} s: loss "
-               f"{m.get('loss', float('nan')):.4f}, train IoU {m.get('iou', float('nan')):.3f}; "
+               f"{m.get('loss', float('nan')):.4f}, train IoU {iou_text(m.get('iou'))}; "
                f"checkpoint {result.checkpoint.path if result.checkpoint else None}")
+
+
+def iou_text(iou: float | None) -> str:
+    """The training IoU as the console shows it: "n/a" with the reason where no sample had an
+    oracle mask to score (the mean of nothing)."""
+    if iou is None or math.isnan(iou):
+        return "n/a: no oracle mask to learn from"
+    return f"{iou:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,15 +5,21 @@ embedding in, one mask per class out. It follows the paper's public code (`seg_m
     visual encoder  per resolution group (coarse to fine: 8, 16, 32, 64 at 512x512) a 1x1 conv to
                     `reduced` channels, every group but the finest upsampled 2x; then coarse to
                     fine: upsample the running map to the next group's size, concatenate,
-                    SegBlock (pre-activation residual block, spectral-normalised 3x3 convs),
-                    at 32, 64 and 64 -> a sum(reduced) = 240-channel pixel map at 64x64
+                    SegBlock (pre-activation residual block: per-image normalisation, ReLU,
+                    spectral-normalised 3x3 convs), at 32, 64 and 64 -> a sum(reduced) =
+                    240-channel pixel map at 64x64
     fusion          the pixel map cut into 4x4 patches -> tokens projected to 512 (keys, values);
                     class embeddings projected to 512 -> queries of a 3-layer pre-norm
                     transformer decoder; a 3-layer MLP -> one 240-d mask embedding per class
     masks           logits = mask embedding . pixel map, upsampled to the image size
 
 Unlike the paper's public code (correct at batch size 1 only), every sample and every class query
-is independent here: classes are padded per sample and masked out of attention and the loss.
+is independent here: classes are padded per sample and masked out of attention and the loss, and
+each image is normalised by its own statistics, as the official code's batch norm at batch 1.
+The feature channels are laid out [all unconditional maps | all conditional maps] per group
+(`actors.features`), the official [uncond_1, cond_1, uncond_2, cond_2, ...]: a permutation of
+the 1x1 convs' input channels, which `train.grounding.convert_official` applies to the official
+weights.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class GroundingHeadConfig:
     ffn_dim: int = 2048
     patch: int = 4  # pixel-map patch size for the decoder's visual tokens
     conditional_norm: bool = False  # paper: conditional batch norm; its code: plain batch norm
+    # (at batch 1: per-image statistics, see Norm)
 
     @property
     def pixel_dim(self) -> int:
@@ -62,23 +69,28 @@ def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 def sn_conv3x3(c_in: int, c_out: int) -> nn.Conv2d:
     """The official SNConv2d: a 3x3 conv whose weight is divided by its spectral norm, estimated
-    with one power iteration per training step (eps 1e-4)."""
+    with one power iteration per training step (eps 1e-4). In eval mode (the labeller, Protocol
+    I) no iteration runs: the norm comes from the stored singular vectors, so a mask does not
+    depend on what was labelled before. The official test.py leaves its module in train mode,
+    where every test forward runs one more iteration and stores it (README, differences)."""
     return spectral_norm(nn.Conv2d(c_in, c_out, 3, padding=1), n_power_iterations=1, eps=1e-4)
 
 
 class Norm(nn.Module):
-    """The official SegBlock's batch norm (no affine, eps 1e-4, momentum 0.1); with `cond_dim`,
-    the paper's conditional batch norm: scale 1 + Linear(cond) and shift Linear(cond) per sample
-    (BigGAN's ccbn)."""
+    """The official SegBlock's batch norm as the official code runs it: at batch 1 (train.py) and
+    never in eval mode (test.py), so every image is normalised by its own statistics over (H, W),
+    in training and at test time alike, and running averages are never used. That is instance
+    normalisation (no affine, eps 1e-4), here at any batch size, so an image's output never
+    depends on its batch. With `cond_dim`, the paper's conditional batch norm: scale
+    1 + Linear(cond) and shift Linear(cond) per sample (BigGAN's ccbn)."""
 
     def __init__(self, channels: int, cond_dim: int | None = None) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
         self.scale = nn.Linear(cond_dim, channels) if cond_dim is not None else None
         self.shift = nn.Linear(cond_dim, channels) if cond_dim is not None else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        x = self.bn(x)                                                      # (B, C, H, W)
+        x = F.instance_norm(x, eps=1e-4)                                    # (B, C, H, W)
         if self.scale is None:
             return x
         scale = 1 + self.scale(cond)[:, :, None, None]                      # (B, C, 1, 1)
@@ -87,8 +99,10 @@ class Norm(nn.Module):
 
 class SegBlock(nn.Module):
     """The official mix-conv block (BigGAN's pre-activation residual block, without upsampling):
-    x = norm(x); h = conv2(relu(norm(conv1(relu(x))))); out = h + x. Every mix block keeps its
-    width, so the shortcut is the identity."""
+    x = relu(norm(x)); h = conv2(relu(norm(conv1(x)))); out = h + x. The official activation is
+    `nn.ReLU(inplace=True)`, so its `h = self.activation(x)` rectifies x as well and the residual
+    is relu(norm(x)), not norm(x). Every mix block keeps its width, so the shortcut is the
+    identity."""
 
     def __init__(self, channels: int, cond_dim: int | None = None) -> None:
         super().__init__()
@@ -98,8 +112,8 @@ class SegBlock(nn.Module):
         self.conv2 = sn_conv3x3(channels, channels)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        x = self.norm1(x, cond)                                             # (B, C, H, W)
-        h = self.conv1(F.relu(x))
+        x = F.relu(self.norm1(x, cond))                                     # (B, C, H, W)
+        h = self.conv1(x)
         h = self.conv2(F.relu(self.norm2(h, cond)))                         # (B, C, H, W)
         return h + x
 
@@ -212,13 +226,14 @@ def trained_pairs(masks: Tensor, valid: Tensor) -> Tensor:
 
 def grounding_loss(logits: Tensor, masks: Tensor, valid: Tensor,
                    skip_empty: bool = True) -> Tensor:
-    """Sigmoid + BCE per (sample, class), averaged over the pairs that count (paper sec. 4.3).
+    """Sigmoid + BCE per (sample, class), the pixel mean, summed over the pairs that count and
+    divided by the batch size, as the official train.py (one BCEWithLogitsLoss per class, their
+    sum / batch size): a sample's two classes weigh as much each as a one-class sample's one.
     logits, masks: B x K x H x W; valid: B x K, False for padding and unseen classes.
     skip_empty: leave out classes whose oracle mask is empty ("training without zero masks",
-    the detector's false negatives; +12 unseen mIoU in the paper)."""
+    the detector's false negatives; +12 unseen mIoU in the paper). No pair that counts: 0, with
+    the graph kept (DDP needs every rank to backprop)."""
     use = trained_pairs(masks, valid) if skip_empty else valid               # (B, K)
-    if not use.any():
-        return logits.sum() * 0.0  # keeps the graph (DDP needs every rank to backprop)
     per_class = F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype),
                                                    reduction="none").mean((2, 3))  # (B, K)
-    return per_class[use].mean()
+    return per_class[use].sum() / logits.shape[0]

@@ -5,16 +5,26 @@ Class lists (`SegmentationClasses`): `pascal`, the 20 VOC classes plus backgroun
 ids, background 0, as VOC's own label maps); `coco`, COCO's 80 thing classes (ids 0-79 in COCO's
 order, pixels of no thing ignored). A label folder of split `coco` lacks `mouse` (COCO-sim drops
 it), which is no problem for training. Real VOC folders join with their unseen-class pixels set
-to 255, so their images still count (model D's "real 15").
+to 255, so their images still count (model D's "real 15"). A VOC folder reads the images its
+list names (`--voc-train-list`, default its ImageSets/Segmentation/train.txt: 1,464 images; the
+ZS3 convention trains on the 10,582 of the SBD-augmented list), each label from
+SegmentationClass, or SegmentationClassAug where SegmentationClass lacks it. Every run has a
+fold: that of its label folders, or `--fold` for VOC folders alone.
 
 The stream (`train.stream`): epoch e visits the sources' shards (and VOC images, in groups of
 256) in an order shuffled with (seed, e), and each shard's rows in a shuffled order; item p of
 the stream is a pure function of (sources, seed, p), and so is its augmentation (random resized
 crop, flip). A job resumed at step s continues at item s x global batch.
+
+Loading (`plan_units`, `skip_units`, `load_units`): a worker's items are cut into units, the
+runs of consecutive items from one shard (or one block of VOC images); a unit reads its shard
+once, so a worker reads each shard once per pass over the data. A worker restarted at step k
+drops its first k batches' items from the units before anything is read or decoded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -59,7 +69,7 @@ CLASS_LISTS = {
 
 @dataclass(frozen=True)
 class Source:
-    """One --data folder: a `factory label` output, or a VOC-layout folder (train list)."""
+    """One --data folder: a `factory label` output, or a VOC-layout folder (a list's images)."""
 
     path: str
     kind: str  # "label" | "voc"
@@ -67,13 +77,21 @@ class Source:
     fold: str | None
     groups: tuple[tuple, ...]  # label: (shard path, rows); voc: (image ids...)
     lut: tuple[int, ...]
+    augmented: frozenset[str] = frozenset()  # voc: ids whose label is in SegmentationClassAug
 
 
-def open_source(path: str, fold_of_voc: str | None = None, allow_partial: bool = False
-                ) -> Source:
+VOC_LABELS, VOC_LABELS_AUG = "SegmentationClass", "SegmentationClassAug"
+VOC_TRAIN_LIST = os.path.join("ImageSets", "Segmentation", "train.txt")
+MISSING_SHOWN = 5
+TASK_ITEMS = 64  # items a Ray Data task decodes (at least, whole units)
+
+
+def open_source(path: str, fold_of_voc: str | None = None, allow_partial: bool = False,
+                voc_list: str | None = None) -> Source:
     """A --data folder (ValueError says what is wrong). VOC folders need the fold whose
-    unseen classes to hide (`fold_of_voc`, from the label folders beside it). A label folder
-    whose run is unfinished is refused unless `allow_partial` (then its finished shards)."""
+    unseen classes to hide (`fold_of_voc`) and read the images of `voc_list` (a file; default
+    their ImageSets/Segmentation/train.txt). A label folder whose run is unfinished is refused
+    unless `allow_partial` (then its finished shards)."""
     if os.path.isfile(os.path.join(path, "manifest.json")) or "://" in path:
         store = ShardStore.open(path)
         run = store.manifest["run"]
@@ -82,56 +100,137 @@ def open_source(path: str, fold_of_voc: str | None = None, allow_partial: bool =
         if run["split"] not in CLASS_LISTS:
             raise ValueError(f"{path!r} is an open-vocabulary set ({run['split']!r}): "
                              "MaskFormer trains on the pascal or coco classes")
-        done = store.finished(allow_partial, "factory label")
-        groups = tuple((store.shard_path(k), tuple(range(store.shards[k]["rows"])))
+        done = store.check_finished(allow_partial, "factory label")
+        groups = tuple((store.shard_path(k), tuple(range(store.records[k]["rows"])))
                        for k in done)
         lut = CLASS_LISTS[run["split"]].lut()
         return Source(path, "label", run["split"], run["fold"], groups, tuple(lut))
-    lists = os.path.join(path, "ImageSets", "Segmentation", "train.txt")
-    for need in (lists, os.path.join(path, "JPEGImages"),
-                 os.path.join(path, "SegmentationClass")):
+    lists = voc_list or os.path.join(path, VOC_TRAIN_LIST)
+    for need in (lists, os.path.join(path, "JPEGImages"), os.path.join(path, VOC_LABELS)):
         if not os.path.exists(need):
             raise ValueError(f"{path!r} is neither `factory label` output nor a VOC folder "
                              f"(no {os.path.relpath(need, path)})")
     with open(lists, encoding="utf-8") as f:
-        ids = [line.strip() for line in f if line.strip()]
+        # plain ids, or DeepLab's "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png" lines
+        ids = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f
+               if line.strip()]
     if not ids:
         raise ValueError(f"{lists!r} lists no image")
+    augmented, missing = set(), []
+    for i in ids:
+        if not os.path.isfile(os.path.join(path, "JPEGImages", i + ".jpg")):
+            missing.append(f"JPEGImages/{i}.jpg")
+        elif not os.path.isfile(os.path.join(path, VOC_LABELS, i + ".png")):
+            if os.path.isfile(os.path.join(path, VOC_LABELS_AUG, i + ".png")):
+                augmented.add(i)
+            else:
+                missing.append(f"{VOC_LABELS}[Aug]/{i}.png")
+    if missing:
+        more = len(missing) - MISSING_SHOWN
+        raise ValueError(f"{len(missing)} of the {len(ids)} images {lists!r} lists are missing "
+                         f"from {path!r}: {', '.join(missing[:MISSING_SHOWN])}"
+                         + (f" and {more} more" if more > 0 else ""))
     unseen = get_split("pascal", fold_of_voc).unseen if fold_of_voc else ()
     groups = tuple(tuple(ids[i:i + VOC_GROUP]) for i in range(0, len(ids), VOC_GROUP))
     return Source(path, "voc", "pascal", fold_of_voc, groups,
-                  tuple(CLASS_LISTS["pascal"].lut(unseen)))
+                  tuple(CLASS_LISTS["pascal"].lut(unseen)), frozenset(augmented))
 
 
-def open_sources(paths: list[str], allow_partial: bool = False
-                 ) -> tuple[list[Source], SegmentationClasses, str | None]:
-    """The --data folders, their one class list and fold (ValueError if they disagree)."""
-    labels = [open_source(p, allow_partial=allow_partial) for p in paths if not _is_voc(p)]
+def open_sources(paths: list[str], allow_partial: bool = False, fold: str | None = None,
+                 voc_list: str | None = None
+                 ) -> tuple[list[Source], SegmentationClasses, str]:
+    """The --data folders, their one class list and fold (ValueError if they disagree). The
+    fold is the label folders'; VOC folders alone take `fold`, which they need: a run without
+    a fold would hide no class, and its model could not be scored zero-shot."""
+    labels = [open_source(p, allow_partial=allow_partial) for p in paths if not is_voc(p)]
     folds = {(s.split, s.fold) for s in labels}
     if len(folds) > 1:
         raise ValueError("--data folders of different splits or folds: "
                          + ", ".join(f"{s.path} ({s.split} fold {s.fold})" for s in labels))
-    split, fold = next(iter(folds)) if folds else ("pascal", None)
-    if any(_is_voc(p) for p in paths) and split != "pascal":
+    if folds:
+        split, found = next(iter(folds))
+        if found is None:
+            raise ValueError(f"{labels[0].path!r} was labelled without a fold: MaskFormer "
+                             "trains for a zero-shot fold")
+        if fold is not None and fold != found:
+            raise ValueError(f"--fold {fold} differs from the --data folders' fold {found}")
+        fold = found
+    else:
+        split = "pascal"
+        if fold is None:
+            raise ValueError("VOC folders alone need --fold (zs3, 1, 2 or 3): its unseen "
+                             "classes are hidden in training, so the model can be scored "
+                             "zero-shot")
+        get_split("pascal", fold)  # ValueError for an unknown fold
+    if any(is_voc(p) for p in paths) and split != "pascal":
         raise ValueError("VOC folders join pascal label folders only")
-    sources = [open_source(p, fold) if _is_voc(p) else open_source(p, allow_partial=allow_partial)
-               for p in paths]
+    if voc_list is not None and not os.path.isfile(voc_list):
+        raise ValueError(f"--voc-train-list {voc_list!r} is not a file")
+    sources = [open_source(p, fold, voc_list=voc_list) if is_voc(p)
+               else open_source(p, allow_partial=allow_partial) for p in paths]
     return sources, CLASS_LISTS[split], fold
 
 
-def _is_voc(path: str) -> bool:
+def is_voc(path: str) -> bool:
+    """Whether a --data folder is VOC-layout (else `factory label` output)."""
     return os.path.isdir(os.path.join(path, "ImageSets", "Segmentation"))
 
 
 def stream(sources: list[Source], seed: int, start: int, count: int) -> list[dict]:
-    """Items start .. start + count - 1 of the sources' stream (`train.stream`), as rows for
-    Ray Data: position, source, group, member (a shard's row or a VOC image id, as text)."""
+    """Items start .. start + count - 1 of the sources' stream (`train.stream`), as rows:
+    position, source, group, member (a shard's row or a VOC image id, as text)."""
     flat = [(s, g) for s, src in enumerate(sources) for g in range(len(src.groups))]
     members = [sources[s].groups[g][1] if sources[s].kind == "label" else sources[s].groups[g]
                for s, g in flat]
     return [{"position": r["position"], "source": flat[r["group"]][0],
              "group": flat[r["group"]][1], "member": str(r["member"])}
             for r in stream_items(members, seed, start, count)]
+
+
+def plan_units(items: list[dict]) -> list[dict]:
+    """A worker's items (`stream` rows, in order) cut into units: runs of consecutive items of
+    one source group, {"source", "group", "members", "positions"}. The stream visits a group's
+    members one after the other, so a pass over the data has one unit per group."""
+    units: list[dict] = []
+    for it in items:
+        if not units or (units[-1]["source"], units[-1]["group"]) != (it["source"], it["group"]):
+            units.append({"source": int(it["source"]), "group": int(it["group"]),
+                          "members": [], "positions": []})
+        units[-1]["members"].append(str(it["member"]))
+        units[-1]["positions"].append(int(it["position"]))
+    return units
+
+
+def skip_units(units: list[dict], n: int) -> list[dict]:
+    """`units` without their first `n` items (a restarted worker's batches done), unread."""
+    out = []
+    for u in units:
+        if n >= len(u["members"]):
+            n -= len(u["members"])
+            continue
+        out.append({**u, "members": u["members"][n:], "positions": u["positions"][n:]})
+        n = 0
+    return out
+
+
+def encode_units(units: list[dict], items: int = TASK_ITEMS) -> list[dict]:
+    """Units as Ray Data rows, {"units": JSON list}: consecutive units packed until a row holds
+    `items` items (a task's worth of decoding), a unit never split."""
+    rows, pack, n = [], [], 0
+    for u in units:
+        pack.append(u)
+        n += len(u["members"])
+        if n >= items:
+            rows.append({"units": json.dumps(pack)})
+            pack, n = [], 0
+    if pack:
+        rows.append({"units": json.dumps(pack)})
+    return rows
+
+
+def decode_units(rows) -> list[dict]:
+    """The units of `encode_units` rows (dicts, or Ray Data rows), in order."""
+    return [u for row in rows for u in json.loads(row["units"])]
 
 
 def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int,
@@ -157,33 +256,40 @@ def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int,
     return np.ascontiguousarray(img), np.ascontiguousarray(lab)
 
 
-def load_batch(batch: dict[str, np.ndarray], *, sources: list[Source], seed: int,
+def read_unit(src: Source, unit: dict):
+    """(image, label value map) of each member of a unit, in order: a shard is read once."""
+    group = src.groups[unit["group"]]
+    if src.kind == "label":
+        rows = pq.read_table(group[0], columns=["image", "label"]).take(
+            [int(m) for m in unit["members"]]).to_pydict()
+        for image, label in zip(rows["image"], rows["label"], strict=True):
+            yield decode_png(image), decode_label(label)
+        return
+    for member in unit["members"]:
+        folder = VOC_LABELS_AUG if member in src.augmented else VOC_LABELS
+        image = Image.open(os.path.join(src.path, "JPEGImages", member + ".jpg"))
+        yield (np.asarray(image.convert("RGB")),
+               np.asarray(Image.open(os.path.join(src.path, folder, member + ".png"))))
+
+
+def load_units(batch: dict[str, np.ndarray], *, sources: list[Source], seed: int,
                size: int) -> dict[str, np.ndarray]:
-    """Stream rows -> image (B, size, size, 3) uint8 and label (B, size, size) uint8 training
-    ids, with each item's augmentation seeded by (seed, position). Each shard is read once
-    per batch."""
-    n = len(batch["position"])
+    """`encode_units` rows -> one row per item: position, image (N, size, size, 3) uint8 and
+    label (N, size, size) uint8 training ids, each item's augmentation seeded by (seed,
+    position)."""
+    units = decode_units({"units": u} for u in batch["units"])
+    n = sum(len(u["members"]) for u in units)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     labels = np.empty((n, size, size), dtype=np.uint8)
-    tables: dict[tuple[int, int], dict] = {}
-    for i in range(n):
-        src = sources[int(batch["source"][i])]
-        group, member = int(batch["group"][i]), str(batch["member"][i])
-        if src.kind == "label":
-            key = (int(batch["source"][i]), group)
-            if key not in tables:
-                t = pq.read_table(src.groups[group][0], columns=["image", "label"])
-                tables[key] = t.to_pydict()
-            row = tables[key]
-            image, label = decode_png(row["image"][int(member)]), decode_label(
-                row["label"][int(member)])
-        else:
-            image = np.asarray(Image.open(os.path.join(src.path, "JPEGImages",
-                                                       member + ".jpg")).convert("RGB"))
-            label = np.asarray(Image.open(os.path.join(src.path, "SegmentationClass",
-                                                       member + ".png")))
-        label = np.asarray(src.lut, dtype=np.uint8)[label]
-        rng = np.random.default_rng([seed, int(batch["position"][i])])
-        images[i], labels[i] = random_resized_crop(image, label, size, rng)
-    return {"position": np.asarray(batch["position"], dtype=np.int64), "image": images,
-            "label": labels}
+    positions = np.empty(n, dtype=np.int64)
+    i = 0
+    for unit in units:
+        src = sources[unit["source"]]
+        lut = np.asarray(src.lut, dtype=np.uint8)
+        for position, (image, label) in zip(unit["positions"], read_unit(src, unit),
+                                            strict=True):
+            rng = np.random.default_rng([seed, position])
+            images[i], labels[i] = random_resized_crop(image, lut[label], size, rng)
+            positions[i] = position
+            i += 1
+    return {"position": positions, "image": images, "label": labels}
