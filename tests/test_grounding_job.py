@@ -55,6 +55,16 @@ def test_ray_train_job_with_two_workers_checkpoints_and_resumes(ray_local, known
     assert code == 2 and "cannot resume" in err and "seed 0 then, 1 now" in err
 
 
+def test_gpu_workers_beyond_the_largest_node_are_refused(ray_local):
+    from factory.errors import FactoryError
+    from train.jobs import check_gpu_workers_fit_one_node
+
+    check_gpu_workers_fit_one_node(4, use_gpu=False)  # CPU workers may spread
+    with pytest.raises(FactoryError, match="1 GPU workers must share one node, but the largest "
+                                           "node has 0 GPUs: use at most 0 --num-workers"):
+        check_gpu_workers_fit_one_node(1, use_gpu=True)  # the local Ray has no GPU
+
+
 def test_a_run_without_oracle_masks_says_so_instead_of_nan():
     assert iou_text(float("nan")) == iou_text(None) == "n/a: no oracle mask to learn from"
     assert iou_text(0.4567) == "0.457"

@@ -1,5 +1,6 @@
-"""What the Ray Train jobs share: finding their checkpoint folders, and the trainer itself (one
-DDP worker per GPU or CPU workers, checkpoints under --out, restarts after worker failures)."""
+"""What the Ray Train jobs share: finding their checkpoint folders, the placement checks, and
+the trainer itself (one DDP worker per GPU or CPU workers, checkpoints under --out, restarts
+after worker failures)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from collections.abc import Callable
 
-from factory.errors import Interrupted
+from factory.errors import FactoryError, Interrupted
 
 
 def read_info(folder: str, info_file: str) -> dict:
@@ -47,18 +48,33 @@ def worker_batches(cfg: dict, step: int):
     return itertools.islice(batches, step - cfg["start_step"], None)
 
 
+def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """Refuse a worker count the cluster cannot place, even once its autoscaler has added
+    every node it may, instead of waiting for it forever."""
+    import ray
+
+    from factory.pools import autoscaler_config
+
+    most = autoscaler_config()[0]
+    have = {r: max(v, most.get(r, 0)) for r, v in ray.cluster_resources().items()}
+    have.update({r: v for r, v in most.items() if r not in have})
+    need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
+    short = [f"{need[r]:g} {r}s (the cluster has {have.get(r, 0):g})"
+             for r in ("CPU", "GPU") if need[r] > have.get(r, 0)]
+    if short:
+        raise FactoryError(f"{num_workers} workers need {' and '.join(short)}: use fewer "
+                           "--num-workers or a bigger cluster")
+    check_gpu_workers_fit_one_node(num_workers, use_gpu)
+
+
 def check_gpu_workers_fit_one_node(num_workers: int, use_gpu: bool) -> None:
     """GPU workers go on one node (`fit`): refuse more than any node, live or that the
     autoscaler may launch, has GPUs, instead of waiting for one forever."""
-    import ray
-
-    from factory.errors import FactoryError
-    from factory.pools import autoscaler_config
+    from factory.pools import ClusterView
 
     if not use_gpu:
         return
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    most = max((t.get("GPU", 0) for t in (*nodes, *autoscaler_config()[1])), default=0)
+    most = max((t.get("GPU", 0) for t in ClusterView.current().node_types), default=0)
     if num_workers > most:
         raise FactoryError(f"{num_workers} GPU workers must share one node, but the largest "
                            f"node has {most:g} GPUs: use at most {most:g} --num-workers")

@@ -91,25 +91,6 @@ def train_loop_per_worker(cfg: dict) -> None:
             break
 
 
-def check_placement(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Refuse a worker count the cluster cannot place, even once its autoscaler has added
-    every node it may, instead of waiting for it forever."""
-    import ray
-
-    from factory.pools import autoscaler_config
-
-    most = autoscaler_config()[0]
-    have = {r: max(v, most.get(r, 0)) for r, v in ray.cluster_resources().items()}
-    have.update({r: v for r, v in most.items() if r not in have})
-    need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
-    short = [f"{need[r]:g} {r}s (the cluster has {have.get(r, 0):g})"
-             for r in ("CPU", "GPU") if need[r] > have.get(r, 0)]
-    if short:
-        raise FactoryError(f"{num_workers} workers need {' and '.join(short)}: use fewer "
-                           "--num-workers or a bigger cluster")
-    jobs.check_gpu_workers_fit_one_node(num_workers, use_gpu)
-
-
 def train(data: str, out: str, *, model: str | None = None, head: str | None = None,
           steps: int = 5000, batch_size: int = 8, lr: float = 1e-4, weight_decay: float = 1e-4,
           num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 1.0,
@@ -183,7 +164,7 @@ def train(data: str, out: str, *, model: str | None = None, head: str | None = N
     try:
         with ray_logs_to(os.path.join(out, LOG_FILE)):
             connect_ray(address)
-            check_placement(num_workers, use_gpu, cpus_per_worker)
+            jobs.check_placement(num_workers, use_gpu, cpus_per_worker)
             items = stream(rows, seed, start_position, (steps - start_step) * batch_size
                            * num_workers)
             per_worker = [ray.data.from_items(mine).map_batches(

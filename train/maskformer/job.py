@@ -404,7 +404,6 @@ def train(data: list[str], out: str, *, use_gpu: bool = False, cpus_per_worker: 
 
     from factory.console import ray_logs_to
     from factory.pools import connect_ray
-    from train.grounding.job import check_placement
     from train.maskformer.data import encode_units, plan_units, stream
     from train.stream import worker_items
 
@@ -413,7 +412,7 @@ def train(data: list[str], out: str, *, use_gpu: bool = False, cpus_per_worker: 
     try:
         with ray_logs_to(os.path.join(out, LOG_FILE)):
             connect_ray(address)
-            check_placement(num_workers, use_gpu, cpus_per_worker)
+            jobs.check_placement(num_workers, use_gpu, cpus_per_worker)
             items = stream(cfg["sources"], cfg["seed"], cfg["start_position"],
                            (cfg["steps"] - cfg["start_step"]) * cfg["global_batch"])
             # each worker's units: what it reads, in order (see `worker_batches`)
