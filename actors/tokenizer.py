@@ -8,15 +8,18 @@ import gzip
 import json
 import os
 import tempfile
-from importlib import resources
+from importlib.util import find_spec
 
 from transformers import CLIPTokenizer
 
 
 def clip_tokenizer() -> CLIPTokenizer:
     """SD 1.x's tokenizer (OpenAI CLIP BPE, 49,408 tokens) from the vocabulary that ships inside
-    the open_clip_torch package, so tests tokenize class names exactly as SD does, offline."""
-    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    the open_clip_torch package, so tests tokenize class names exactly as SD does, offline. The
+    file is found without importing open_clip, whose import (timm's models) takes a second."""
+    folder = find_spec("open_clip").submodule_search_locations[0]
+    with open(os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz"), "rb") as f:
+        bpe = f.read()
     merges = gzip.decompress(bpe).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]

@@ -210,7 +210,7 @@ def _dataset(store, info, baseline, kept, threshold, daam_threshold, mask_rule, 
     run = store.manifest["run"]
     kinds = (("labeller",) if info is not None else ()) + (("generator",) if baseline else ())
     units = -(-len(kept) // batch_size)
-    pools = size_pools(ClusterView.current(), units, generators=sizes["generator"],
+    pools = size_pools(ClusterView.current(address), units, generators=sizes["generator"],
                        labellers=sizes["labeller"],
                        labeller_images_per_s=IMAGES_PER_S["grounding head"],
                        gen_gpus=gpus["generator"], label_gpus=gpus["labeller"], kinds=kinds)

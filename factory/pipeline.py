@@ -154,7 +154,7 @@ def _pipeline(o: RunOptions, plan: SamplePlan, store: ShardStore, todo: list[int
     unit = max(o.batch_size, o.label_batch_size)
     spans = work_units(store.layout, todo, unit)
     units = int((spans[:, 1] - spans[:, 0]).sum())
-    view = ClusterView.current()
+    view = ClusterView.current(o.address)
     pools = size_pools(view, units,
                        generators=parse_pool_size(o.generators, "generators"),
                        labellers=parse_pool_size(o.labellers, "labellers"),

@@ -108,9 +108,14 @@ class ClusterView:
     gpus: float
     max_gpus: float  # GPUs the autoscaler can reach (>= gpus)
     node_types: tuple[dict[str, float], ...]  # resources of each live node and node type
+    # this machine's own Ray (no --address, no RAY_ADDRESS), which no other host joins: the
+    # pools keep to the slots it has (an actor waiting for a slot that never comes would be
+    # started, to no use, by the slot the last actor frees)
+    local: bool = False
 
     @classmethod
-    def current(cls) -> ClusterView:
+    def current(cls, address: str | None = None) -> ClusterView:
+        """The cluster the driver has joined, at `address` (None: this machine's own Ray)."""
         import ray
 
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -121,7 +126,8 @@ class ClusterView:
                    max_slots={r: max(slots[r], int(most.get(r, 0))) for r in slots},
                    autoscaled=bool(most),
                    gpus=gpus, max_gpus=max(gpus, most.get("GPU", 0)),
-                   node_types=tuple(nodes) + types)
+                   node_types=tuple(nodes) + types,
+                   local=not address and not os.environ.get("RAY_ADDRESS"))
 
     def gpu_share(self, kind: str, both: bool) -> float:
         """GPUs per actor of a pool: what a node offering the pool's resource has per slot
@@ -239,9 +245,9 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
     """The pools for `units` work items on the cluster `view`. A None size is `auto`:
     generators one per `gen` slot now, growing to what the autoscaler can add (at most one per
     work unit; on a cluster without autoscaler, as many as there are work units, so that nodes
-    started by hand join too); labellers as many as the measured ratio of the two stages'
-    speeds asks for, at least one. A size the cluster can never place is refused in one
-    line."""
+    started by hand join too; on this machine's own Ray, its slots); labellers as many as the
+    measured ratio of the two stages' speeds asks for, at least one. A size the cluster can
+    never place is refused in one line."""
     for kind in kinds:
         res = STAGE_RESOURCES[kind]
         if view.max_slots[res] < 1:
@@ -251,7 +257,8 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
     if "generator" in kinds:
         if generators is None:
             low = max(1, min(view.slots["gen"], units))
-            reach = view.max_slots["gen"] if view.autoscaled else units
+            reach = view.max_slots["gen"] if view.autoscaled else (
+                view.slots["gen"] if view.local else units)
             sizes["generator"] = (low, max(low, min(reach, units)))
         else:
             sizes["generator"] = (generators, generators)
@@ -261,7 +268,8 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
             per = max(1, math.floor((labeller_images_per_s or gen_rate) / gen_rate))
             gens = sizes.get("generator", (1, 1))
             low = min(max(1, math.ceil(gens[0] / per)), max(1, view.slots["label"]))
-            reach = view.max_slots["label"] if view.autoscaled else units
+            reach = view.max_slots["label"] if view.autoscaled else (
+                view.slots["label"] if view.local else units)
             sizes["labeller"] = (low, max(low, min(math.ceil(gens[1] / per), reach)))
         else:
             sizes["labeller"] = (labellers, labellers)

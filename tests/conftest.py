@@ -15,12 +15,13 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session: 2 CPUs and both stage resources, a short temp dir
-    (Unix socket paths are limited to ~100 characters)."""
+    (Unix socket paths are limited to ~100 characters), the workers' output kept off the
+    console as `factory.pools.connect_ray` keeps it."""
     import ray
 
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     ray.init(num_cpus=2, resources={"gen": 1, "label": 1}, include_dashboard=False,
-             _temp_dir=temp, logging_level="WARNING")
+             log_to_driver=False, _temp_dir=temp, logging_level="WARNING")
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

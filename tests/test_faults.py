@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -109,13 +110,15 @@ def test_a_killed_driver_leaves_a_folder_that_a_rerun_finishes_identically(
     finally:  # a failed wait too: a driver left running would hold the next tests' slots
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    left = ShardStore.open(out).finished()
-    assert 1 <= len(left) < 4  # killed mid-run
+    left = len(ShardStore.open(out).finished())
+    assert left < 4  # killed mid-run
     with caplog.at_level("INFO"):
         code, _, err = run_cli(main, ["generate", "--out", out, *RUN])
     assert code == 0, err
     assert f"taking over the lock of {out} from pid {proc.pid}" in caplog.text  # the driver's
-    assert f"{len(left)} of 4 shards already done" in caplog.text
+    # its write tasks, in the session's Ray, may finish a shard after the kill
+    done = re.search(r"(\d) of 4 shards already done", caplog.text)
+    assert done and left <= int(done[1]) < 4
     assert shard_bytes(out) == reference[1]
 
 
@@ -246,8 +249,6 @@ def test_max_failed_samples_skips_and_lists_failing_samples_and_stops_one_past_i
     without them, each named on the console, listed in the manifest, its traceback logged;
     a shard deleted and made again with a mended labeller holds its samples; a failure once
     earlier runs have used K up stops the run, saying so."""
-    import re
-
     from actors.maskrcnn_labeller import MaskRCNNLabeller
     from factory.graph import Labeller
     from factory.identity import prepare

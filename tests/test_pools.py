@@ -1,5 +1,6 @@
 """Pool sizing from the cluster, work units, the output probe and the writer's bookkeeping."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -54,6 +55,22 @@ def test_auto_pools_never_exceed_the_work_units():
 def test_without_autoscaler_auto_pools_may_grow_onto_nodes_started_by_hand():
     gen = size_pools(view(gen=2, label=1, gpus=0.0), units=12)["generator"]
     assert (gen.min_size, gen.max_size) == (2, 12)
+
+
+def test_on_this_machines_own_ray_auto_pools_keep_to_its_slots():
+    """No host joins a Ray the run started here: an actor beyond the slots would wait for one,
+    then start only when the run's last actor frees it, and be stopped at once."""
+    local = dataclasses.replace(view(gen=1, label=1, gpus=0.0), local=True)
+    pools = size_pools(local, units=12)
+    assert [(p.min_size, p.max_size) for p in pools.values()] == [(1, 1), (1, 1)]
+
+
+@pytest.mark.slow
+def test_a_run_without_address_is_on_this_machines_own_ray(ray_local, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ClusterView.current().local and not ClusterView.current("auto").local
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # `ray job submit` sets it for the job
+    assert not ClusterView.current().local
 
 
 def test_mask_rcnn_labellers_are_sized_from_its_slower_speed():
