@@ -129,6 +129,14 @@ class ClusterView:
                    node_types=tuple(nodes) + types,
                    local=not address and not os.environ.get("RAY_ADDRESS"))
 
+    def reach(self, resource: str, units: int) -> int:
+        """The most actors a pool on `resource` may grow to: what the autoscaler can reach; on a
+        fixed cluster, one per work unit (hosts started by hand may join); on this machine's own
+        Ray, the slots it has."""
+        if self.autoscaled:
+            return self.max_slots[resource]
+        return self.slots[resource] if self.local else units
+
     def gpu_share(self, kind: str, both: bool) -> float:
         """GPUs per actor of a pool: what a node offering the pool's resource has per slot
         (0 where no such node has a GPU); where one node offers both stage resources and both
@@ -257,8 +265,7 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
     if "generator" in kinds:
         if generators is None:
             low = max(1, min(view.slots["gen"], units))
-            reach = view.max_slots["gen"] if view.autoscaled else (
-                view.slots["gen"] if view.local else units)
+            reach = view.reach("gen", units)
             sizes["generator"] = (low, max(low, min(reach, units)))
         else:
             sizes["generator"] = (generators, generators)
@@ -268,8 +275,7 @@ def size_pools(view: ClusterView, units: int, *, generators: int | None = None,
             per = max(1, math.floor((labeller_images_per_s or gen_rate) / gen_rate))
             gens = sizes.get("generator", (1, 1))
             low = min(max(1, math.ceil(gens[0] / per)), max(1, view.slots["label"]))
-            reach = view.max_slots["label"] if view.autoscaled else (
-                view.slots["label"] if view.local else units)
+            reach = view.reach("label", units)
             sizes["labeller"] = (low, max(low, min(math.ceil(gens[1] / per), reach)))
         else:
             sizes["labeller"] = (labellers, labellers)
