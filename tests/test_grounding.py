@@ -44,7 +44,9 @@ def test_samples_and_padding_do_not_mix_across_the_batch(conditional, train_mode
             alone = copy.deepcopy(head)([f[i:i + 1] for f in feats], text[i:i + 1, :k],
                                         size=(64, 64))
             assert alone.shape == (1, k, 64, 64)
-            torch.testing.assert_close(both[i, :k], alone[0], atol=1e-5, rtol=1e-5)
+            # a batch of 4 and a batch of 1 may take different convolution kernels: 5e-5 apart
+            # on an AMD EPYC, where statistics shared across the batch move them by more than 1
+            torch.testing.assert_close(both[i, :k], alone[0], atol=2e-4, rtol=1e-4)
 
 
 def test_paper_head_shapes():
