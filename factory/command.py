@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from factory.errors import FactoryError, Interrupted
+from factory.errors import FactoryError, Interrupted, interruption
 
 
 def _interrupt(signum, frame) -> None:
@@ -38,9 +38,11 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str) 
         msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
         click.echo(f"{prog_name}: error: {msg}", err=True)
         sys.exit(2)
-    except Interrupted as e:
+    except (Interrupted, SystemError) as e:
+        if interruption(e) is None:
+            raise
         stop_ray()
-        click.echo(f"{prog_name}: {e}", err=True)
+        click.echo(f"{prog_name}: {interruption(e)}", err=True)
         sys.exit(130)
     except click.exceptions.Abort:  # Ctrl-C at one of click's own prompts
         sys.exit(130)

@@ -21,3 +21,16 @@ class Interrupted(BaseException):
 
     def __init__(self, message: str = "interrupted; rerun the same command to finish") -> None:
         super().__init__(message)
+
+
+def interruption(e: BaseException | None) -> Interrupted | None:
+    """The Ctrl-C/SIGTERM `Interrupted` that `e` is or was raised from, else None. The signal
+    handler raises it wherever the main thread is; inside Ray's compiled code (`ray.wait`) it
+    comes out as a SystemError ("returned a result with an exception set") caused by it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Interrupted):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

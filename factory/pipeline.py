@@ -17,7 +17,7 @@ import time
 
 import pyarrow.compute as pc
 
-from factory.errors import FactoryError, Interrupted, RunFailure
+from factory.errors import FactoryError, Interrupted, RunFailure, interruption
 from factory.failures import FailureBudget, run_failure
 from factory.graph import Labeller, build_dataset
 from factory.identity import check_drift, prepare, prepare_label, resolved_run
@@ -104,7 +104,9 @@ def _finish(o: RunOptions, plan: SamplePlan, store: ShardStore, labeller: Labell
     """The run, and on Ctrl-C or SIGTERM the one line of how far it got."""
     try:
         return _finish_shards(o, plan, store, labeller, new, start)
-    except Interrupted:
+    except (Interrupted, SystemError) as e:
+        if interruption(e) is None:
+            raise
         raise Interrupted(f"interrupted after {len(store.finished())} of {store.num_shards} "
                           "shards; rerun the same command to finish") from None
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ def connect_ray(address: str | None) -> None:
     quiet = dict(configure_logging=False, log_to_driver=False)
     if address:
         try:
-            ray.init(address=address, **quiet)
+            with signal_handlers_kept():
+                ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise FactoryError(f"cannot join the Ray cluster at {address!r}: "
                                f"{str(e).splitlines()[0]}") from None
@@ -80,7 +82,22 @@ def connect_ray(address: str | None) -> None:
     import torch
 
     slots = max(1, torch.cuda.device_count())
-    ray.init(resources={"gen": slots, "label": slots}, include_dashboard=False, **quiet)
+    with signal_handlers_kept():
+        ray.init(resources={"gen": slots, "label": slots}, include_dashboard=False, **quiet)
+
+
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """Keep the Python handlers of SIGINT and SIGTERM (the entry points' one-line stop,
+    factory/command.py) across `ray.init`, whose core worker puts its own SIGTERM handler in
+    their place: a stack dump and exit status 1."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if callable(handler):
+                signal.signal(sig, handler)
 
 
 def check_reachable(address: str) -> None:

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -124,6 +126,46 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "factory: error: unknown split 'ade': choose one of pascal, coco")
     assert not (tmp_path / "o").exists()
+
+
+WAITS_ON_RAY = """
+import sys, time, click, ray
+from factory.command import run_command
+from factory.pools import connect_ray
+
+@ray.remote(num_cpus=0)
+def never():
+    time.sleep(600)
+
+@click.command()
+def wait():
+    connect_ray(sys.argv[1])
+    ref = never.remote()
+    print("waiting", flush=True)
+    while True:  # where a run's driver spends its time: the shard writer's ray.wait
+        ray.wait([ref], timeout=1.0)
+
+run_command(wait, [], prog_name="factory")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_inside_ray_wait_is_one_line(ray_local, sig):
+    """Ctrl-C or SIGTERM on a driver waiting in Ray's compiled `ray.wait`: one line and exit
+    130, not a traceback (the handler's Interrupted comes out of it as a SystemError caused by
+    it) nor Ray's stack dump (its core worker replaces the SIGTERM handler)."""
+    address = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", WAITS_ON_RAY, address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting", proc.communicate()
+        time.sleep(0.3)  # inside ray.wait: nothing else is left to run
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["factory: interrupted; rerun the same command to finish"]
 
 
 def test_no_command_module_imports_the_factory_cli():

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Callable
 
-from factory.errors import FactoryError, Interrupted
+from factory.errors import FactoryError, Interrupted, interruption
 
 
 def read_info(folder: str, info_file: str) -> dict:
@@ -89,7 +89,9 @@ def fit(loop: Callable[[dict], None], cfg: dict, per_worker: list, *, out: str, 
     try:
         return _fit(loop, cfg, per_worker, out=out, name=name, use_gpu=use_gpu,
                     cpus_per_worker=cpus_per_worker)
-    except Interrupted:
+    except (Interrupted, SystemError) as e:
+        if interruption(e) is None:
+            raise
         done = latest_checkpoint(out, info_file) if info_file else None
         if done is None:
             raise Interrupted("interrupted before the first checkpoint; rerun the same "
