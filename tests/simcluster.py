@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,6 +56,29 @@ def simulated_cluster(gen_nodes: int = 2, label_nodes: int = 1):
     finally:
         cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_head(head: subprocess.Popen, temp: str) -> None:
+    """Stop a head that `ray start --head --block` runs in a session of its own
+    (start_new_session) with `temp` as its temp dir, and every process of its cluster: those
+    of its session, and those whose command line names `temp`. Nothing else is touched. Ray's
+    processes retitle themselves (`ray::DashboardAgent`), so the command line alone misses
+    some, and a dashboard agent left behind by a killed raylet spins on a core for a minute."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                session = int(f.read().rsplit(")", 1)[1].split()[3])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                named = temp.encode() in f.read()
+            if session == head.pid or named:
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ProcessLookupError):  # the process ended meanwhile
+            continue
 
 
 def driver(argv: list[str], report: str | None = None, env: dict | None = None,

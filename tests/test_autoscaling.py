@@ -9,7 +9,6 @@ cluster.yaml's shape: a head with no CPU, `gen` nodes {CPU 1, GPU 2, gen 2} and 
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 
 import pytest
 import yaml
-from simcluster import driver
+from simcluster import driver, stop_head
 
 from factory.store import ShardStore
 
@@ -105,18 +104,7 @@ class FakeCluster:
         return kinds
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        for entry in filter(str.isdigit, os.listdir("/proc")):  # the nodes and their workers
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if self.temp.encode() in f.read():
-                        os.kill(int(entry), signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue
+        stop_head(self.proc, self.temp)  # the nodes and their workers too
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

@@ -10,7 +10,6 @@ the processes started here are stopped."""
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import tempfile
 import time
 
 import pytest
+from simcluster import stop_head
 
 from factory.store import ShardStore
 from train.grounding.checkpoint import latest_checkpoint, read_info
@@ -46,24 +46,6 @@ def job_env() -> dict:
     env.update(RAY_AUTH_MODE="disabled", PATH=f"{os.path.dirname(uv())}:{env['PATH']}",
                UV_PROJECT_ENVIRONMENT=os.path.join(ROOT, ".venv"), UV_NO_SYNC="1")
     return env
-
-
-def stop_processes_of(temp: str, head: subprocess.Popen) -> None:
-    """Stop the head started with `temp` as its temp dir, and every process of its session
-    (raylets, workers started through `uv run`, the job's driver): their command lines name
-    that folder. Nothing else is touched."""
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if temp.encode() in f.read():
-                    os.kill(int(entry), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +77,7 @@ def head():
             time.sleep(2)
         yield address
     finally:
-        stop_processes_of(temp, proc)
+        stop_head(proc, temp)  # its raylets, workers started through `uv run`, the jobs' drivers
         shutil.rmtree(temp, ignore_errors=True)
 
 
