@@ -93,12 +93,15 @@ class FakeCluster:
     def nodes(self) -> dict[str, set[str]]:
         """Node ids of the live nodes by what they offer: "gen", "label", "head"."""
         code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(json.dumps([[n['NodeID'], n['Resources']] for n in ray.nodes() "
+                "print('nodes:', json.dumps([[n['NodeID'], n['Resources']] for n in ray.nodes() "
                 "if n['Alive']]))")
         out = subprocess.run([sys.executable, "-c", code], env=head_env(), capture_output=True,
                              text=True, check=True).stdout
+        # the autoscaler's events ("(autoscaler +0s) Resized to 0 CPUs.") may come after it
+        found = [line for line in out.splitlines() if line.startswith("nodes: ")]
+        assert len(found) == 1, out
         kinds: dict[str, set[str]] = {"gen": set(), "label": set(), "head": set()}
-        for node, res in json.loads(out.strip().splitlines()[-1]):
+        for node, res in json.loads(found[0].removeprefix("nodes: ")):
             kind = "gen" if res.get("gen") else "label" if res.get("label") else "head"
             kinds[kind].add(node)
         return kinds
