@@ -39,10 +39,11 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str) 
         click.echo(f"{prog_name}: error: {msg}", err=True)
         sys.exit(2)
     except (Interrupted, SystemError) as e:
-        if interruption(e) is None:
+        interrupted = interruption(e)
+        if interrupted is None:
             raise
         stop_ray()
-        click.echo(f"{prog_name}: {interruption(e)}", err=True)
+        click.echo(f"{prog_name}: {interrupted}", err=True)
         sys.exit(130)
     except click.exceptions.Abort:  # Ctrl-C at one of click's own prompts
         sys.exit(130)
